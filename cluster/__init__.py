@@ -1,0 +1,1 @@
+"""Control plane: owns requests; never holds a tensor beyond token ids."""

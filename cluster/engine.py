@@ -1,0 +1,198 @@
+"""The propose -> verify round over a continuously batched set of sequences.
+
+``EngineCore`` is written against two small interfaces, a target that verifies and a drafter
+that proposes. In one process these are the worker objects themselves; the Serve router
+drives the same rounds over gRPC clients.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from outrider.cluster.detokenizer import Detokenizer
+from outrider.cluster.scheduler import Scheduler
+from outrider.cluster.sequence import Sequence, SpecStats
+from outrider.workers.config import SamplingParams
+from outrider.workers.proposers.base import (
+    DrafterCapabilities,
+    DraftMode,
+    ProposeItem,
+    ProposeResult,
+)
+from outrider.workers.protocol import Delta
+from outrider.workers.verifier import VerifyItem, VerifyResult
+
+logger = logging.getLogger(__name__)
+
+
+class Target(Protocol):
+    def verify(self, items: Seq[VerifyItem]) -> VerifyResult: ...
+    def release(self, seq_ids: Seq[int]) -> None: ...
+
+
+class Drafter(Protocol):
+    @property
+    def capabilities(self) -> DrafterCapabilities: ...
+    def propose(self, items: Seq[ProposeItem], mode: DraftMode) -> ProposeResult: ...
+    def release(self, seq_ids: Seq[int]) -> None: ...
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+
+
+@dataclass
+class EngineStats:
+    spec: SpecStats = field(default_factory=SpecStats)
+    num_rounds: int = 0
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+
+
+class EngineCore:
+    def __init__(
+        self,
+        target: Target,
+        detokenizer: Detokenizer,
+        scheduler: Scheduler,
+        *,
+        drafter: Drafter | None = None,
+        num_speculative_tokens: int = 0,
+        max_model_len: int,
+    ) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.detok = detokenizer
+        self.scheduler = scheduler
+        self.k = num_speculative_tokens if drafter is not None else 0
+        self.max_model_len = max_model_len
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        caps = drafter.capabilities if drafter is not None else None
+        self.mode: DraftMode = "parallel" if caps and caps.parallel_drafting else "sequential"
+        self.needs_hidden = bool(caps and caps.needs_target_hidden_states)
+        if caps is not None and caps.fallback_reason:
+            logger.warning("drafter %s drafts sequentially: %s", caps.method, caps.fallback_reason)
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        seq = Sequence(next(self._ids), list(prompt_token_ids), params)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self._release([seq])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _release(self, seqs: Seq[Sequence]) -> None:
+        ids = [s.seq_id for s in seqs if s.target_len > 0 or s.draft_len > 0]
+        if not ids:
+            return
+        self.target.release(ids)
+        if self.drafter is not None:
+            self.drafter.release(ids)
+
+    # -- one round --------------------------------------------------------------------------
+    def _num_draft(self, seq: Sequence) -> int:
+        if self.k == 0 or seq.target_len == 0:
+            return 0
+        room_tokens = seq.params.max_tokens - seq.num_output_tokens - 1
+        room_len = self.max_model_len - len(seq.token_ids) - 1
+        return max(0, min(self.k, room_tokens, room_len))
+
+    def _propose(self, seqs: list[Sequence], ks: list[int]) -> ProposeResult | None:
+        assert self.drafter is not None
+        items = []
+        for seq, k in zip(seqs, ks, strict=True):
+            delta = Delta(seq.seq_id, seq.draft_len, seq.token_ids[seq.draft_len :])
+            hidden = None
+            if self.needs_hidden:
+                parts = seq.pending_hidden or []
+                assert isinstance(parts, list)
+                hidden = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
+            items.append(ProposeItem(delta, k, hidden, seq.params if seq.draft_len == 0 else None))
+        result = self.drafter.propose(items, self.mode)
+        for seq in seqs:
+            seq.draft_len = len(seq.token_ids)
+            seq.pending_hidden = None
+        return result
+
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if batch.preempted:
+            self.stats.num_preemptions += len(batch.preempted)
+            self._release(batch.preempted)
+        seqs = batch.seqs
+        if not seqs:
+            return []
+        ks = [self._num_draft(s) for s in seqs]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[torch.Tensor | None] = [None for _ in seqs]
+        if self.drafter is not None:
+            # NOTE: a sequence whose prefill finished proposes too (k may be 0): the drafter
+            # must ingest every confirmed token to stay in step with the target.
+            idx = [i for i, s in enumerate(seqs) if s.target_len > 0]
+            if idx:
+                res = self._propose([seqs[i] for i in idx], [ks[i] for i in idx])
+                assert res is not None
+                for j, i in enumerate(idx):
+                    drafts[i] = res.draft_token_ids[j][: ks[i]]
+                    if res.draft_probs:
+                        probs[i] = res.draft_probs[j]
+        items = [
+            VerifyItem(
+                Delta(s.seq_id, s.target_len, s.token_ids[s.target_len :]),
+                drafts[i],
+                probs[i],
+                s.params if s.target_len == 0 else None,
+            )
+            for i, s in enumerate(seqs)
+        ]
+        result = self.target.verify(items)
+        self.stats.num_rounds += 1
+        return self._apply(seqs, items, result)
+
+    def _apply(
+        self, seqs: list[Sequence], items: list[VerifyItem], result: VerifyResult
+    ) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        finished: list[Sequence] = []
+        row = 0
+        for i, seq in enumerate(seqs):
+            item = items[i]
+            n_acc = result.num_accepted[i]
+            seq.stats.record(len(item.draft_token_ids), n_acc)
+            self.stats.spec.record(len(item.draft_token_ids), n_acc)
+            seq.target_len += len(item.delta.token_ids) + n_acc
+            if result.hidden_states is not None and self.needs_hidden:
+                rows = result.hidden_rows[i]
+                part = result.hidden_states[row : row + rows]
+                row += rows
+                pending = seq.pending_hidden or []
+                assert isinstance(pending, list)
+                seq.pending_hidden = [*pending, part]
+            text_before = len(seq.text)
+            new = result.output_token_ids[i]
+            kept = self.detok.append(seq, new)
+            if seq.is_finished:
+                self.detok.flush(seq)
+                finished.append(seq)
+            self.stats.num_generated_tokens += kept
+            outputs.append(StepOutput(seq, new[:kept], seq.text[text_before:], seq.is_finished))
+        for seq in finished:
+            self.scheduler.remove(seq)
+        self._release(finished)
+        return outputs

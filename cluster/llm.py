@@ -1,0 +1,154 @@
+"""In-process Python API: ``LLM(config).generate(prompts, params)``.
+
+Target and drafter live in this process and the round loop calls them directly. It is what
+``outrider generate`` runs, and the reference the served path is checked against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from outrider.cluster.config import OutriderConfig
+from outrider.cluster.detokenizer import Detokenizer
+from outrider.cluster.engine import EngineCore
+from outrider.cluster.scheduler import KVBudget, Scheduler
+from outrider.cluster.sequence import SpecStats
+from outrider.workers.config import ConfigError, SamplingParams
+from outrider.workers.models.loader import load_tokenizer
+from outrider.workers.proposers.factory import build_drafter, resolve_speculative
+from outrider.workers.runner import ModelRunner
+from outrider.workers.verifier import Verifier
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    spec: SpecStats = field(default_factory=SpecStats)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+def eos_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    return ids
+
+
+class LLM:
+    def __init__(self, config: OutriderConfig | None = None) -> None:
+        self.config = config = (config or OutriderConfig()).validate()
+        self.runner = ModelRunner(config.target, group="target")
+        self.tokenizer = load_tokenizer(config.target.model)
+        self.spec = resolve_speculative(config.speculative, config.target)
+        self.drafter = (
+            build_drafter(self.spec, config.target, target_runner=self.runner)
+            if self.spec is not None
+            else None
+        )
+        caps = self.drafter.capabilities if self.drafter is not None else None
+        self.verifier = Verifier(
+            self.runner,
+            verification=self.spec.verification if self.spec is not None else "probabilistic",
+            aux_layer_ids=caps.aux_layer_ids if caps is not None else (),
+        )
+        self.max_model_len = self.runner.max_model_len
+        k = (self.spec.num_speculative_tokens or 0) if self.spec is not None else 0
+        budgets = [KVBudget(self.runner.num_blocks, self.runner.block_size)]
+        if self.drafter is not None:
+            budgets.extend(
+                KVBudget(u["num_blocks"], u["block_size"]) for u in [self.drafter.kv_usage()] if u
+            )
+        self.scheduler = Scheduler(
+            budgets,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            lookahead=k + 1,
+        )
+        detok = Detokenizer(
+            self.tokenizer,
+            eos_token_ids(self.tokenizer, self.runner.hf_config),
+            self.max_model_len,
+        )
+        self.engine = EngineCore(
+            self.verifier,
+            detok,
+            self.scheduler,
+            drafter=self.drafter,
+            num_speculative_tokens=k,
+            max_model_len=self.max_model_len,
+        )
+
+    # -- prompts ----------------------------------------------------------------------------
+    def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+        if chat:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                tokenize=True,
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        return [int(i) for i in self.tokenizer.encode(prompt)]
+
+    def check_prompt(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ConfigError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ConfigError(
+                f"the prompt has {n} tokens, which does not fit max_model_len "
+                f"{self.max_model_len} with room for one generated token"
+            )
+        if not self.scheduler.fits_alone(n + 1):
+            raise ConfigError(f"the prompt has {n} tokens, more than the KV cache can hold")
+        vocab = self.runner.hf_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat: bool = False,
+    ) -> list[RequestOutput]:
+        if isinstance(params, Sequence):
+            plist = list(params)
+        else:
+            plist = [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ConfigError(f"got {len(prompts)} prompts but {len(plist)} sampling params")
+        seqs = []
+        for prompt, p in zip(prompts, plist, strict=True):
+            p.validate()
+            ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
+            self.check_prompt(ids, p)
+            seqs.append(self.engine.add_request(ids, p))
+        while self.engine.has_unfinished():
+            self.engine.step()
+        return [
+            RequestOutput(
+                s.prompt_token_ids, s.output_token_ids, s.text, s.finish_reason or "length", s.stats
+            )
+            for s in seqs
+        ]
+
+    def timed_generate(self, *args: Any, **kwargs: Any) -> tuple[list[RequestOutput], float]:
+        t0 = time.perf_counter()
+        out = self.generate(*args, **kwargs)
+        return out, time.perf_counter() - t0

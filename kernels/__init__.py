@@ -1,0 +1,1 @@
+"""Math only: attention, MoE and sampling kernels behind backend registries."""

@@ -1,0 +1,1 @@
+"""Data plane: owns weights, KV caches and forward passes."""

@@ -1,0 +1,65 @@
+"""The drafter side of a round: one interface for every speculative method.
+
+A proposer receives, per sequence, a delta of confirmed tokens (plus the target's hidden-state
+rows for them when it needs them) and the number of tokens to draft. It drafts either in
+parallel (one forward for all k tokens) or sequentially (k forwards, one token each); every
+proposer that can do the former can also do the latter with the same weights.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+import torch
+
+from outrider.workers.config import SamplingParams
+from outrider.workers.protocol import Delta
+
+DraftMode = Literal["parallel", "sequential"]
+
+
+class DrafterCapabilities(msgspec.Struct, frozen=True, omit_defaults=True):
+    method: str
+    parallel_drafting: bool
+    needs_target_hidden_states: bool = False
+    aux_layer_ids: tuple[int, ...] = ()
+    max_k: int = 32
+    # Why a method that could draft in parallel does not on this worker; None when it does.
+    fallback_reason: str | None = None
+
+
+@dataclass
+class ProposeItem:
+    delta: Delta
+    num_draft: int  # k for this sequence this round; 0 = only ingest the delta
+    hidden_states: torch.Tensor | None = None  # [delta.num_hidden_rows, A*Ht]
+    # NOTE: sent on a sequence's first call; decides greedy drafts vs sampled drafts + probs.
+    params: SamplingParams | None = None
+
+
+@dataclass
+class ProposeResult:
+    draft_token_ids: list[list[int]]
+    # [k_b, V] per sequence when it drafts by sampling (probabilistic verification); else None
+    draft_probs: list[torch.Tensor | None] = field(default_factory=list)
+
+
+class Proposer(abc.ABC):
+    method: str = ""
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> DrafterCapabilities: ...
+
+    @abc.abstractmethod
+    def propose(self, items: Sequence[ProposeItem], mode: DraftMode) -> ProposeResult: ...
+
+    @abc.abstractmethod
+    def release(self, seq_ids: Sequence[int]) -> None: ...
+
+    def kv_usage(self) -> dict[str, int]:
+        return {}

@@ -1,0 +1,263 @@
+"""ModelRunner: turns deltas into one packed forward over the paged cache.
+
+It owns the model of one worker (one pipeline stage of it), the KV cache and the resolved
+kernel backends. Sampling and verification live in ``verifier.py``; drafting in ``proposers/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from outrider.kernels import registry
+from outrider.kernels.attention.metadata import AttentionMetadata
+from outrider.workers.config import ConfigError, WorkerConfig
+from outrider.workers.forward_context import ForwardContext, forward_context
+from outrider.workers.kv_cache import KVCacheManager, allocate_kv_caches, kv_bytes_per_block
+from outrider.workers.models.base import IntermediateTensors, ModelOutput
+from outrider.workers.models.loader import load_hf_config, load_model
+from outrider.workers.protocol import Delta
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+# NOTE: the default cache holds this many sequences of full max_model_len (capped by memory).
+_DEFAULT_FULL_SEQS = 16
+_DEFAULT_CACHE_GIB = 1.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"`device` {name!r} is not available here; choices: auto, cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # NOTE: CPUs run float32 fastest; GPUs bfloat16.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass
+class PreparedBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn_metadata: AttentionMetadata
+    query_start_loc: list[int]  # [B + 1] host copy
+    seq_ids: list[int]
+
+    @property
+    def last_token_indices(self) -> list[int]:
+        return [end - 1 for end in self.query_start_loc[1:]]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        *,
+        start_layer: int = 0,
+        end_layer: int | None = None,
+        group: str = "target",
+    ) -> None:
+        self.cfg = cfg
+        self.group = group
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.hf_config = load_hf_config(cfg.model.path)
+        quant = cfg.model.quantization
+        self.attention_backend = registry.resolve(
+            "attention",
+            cfg.kernels.attention_backend,
+            self.device,
+            self.dtype,
+            "none",
+            setting=f"{group}.attention_backend",
+        )
+        self.moe_backend = registry.resolve(
+            "moe",
+            cfg.kernels.moe_backend,
+            self.device,
+            self.dtype,
+            quant,
+            setting=f"{group}.moe_backend",
+        )
+        self.attn_backend = registry.get("attention", self.attention_backend)
+        self.model: nn.Module
+        self.model, self.hf_config = load_model(
+            cfg.model,
+            device=self.device,
+            dtype=self.dtype,
+            moe_backend=self.moe_backend,
+            start_layer=start_layer,
+            end_layer=end_layer,
+        )
+        self.model.eval()
+        self.start_layer = start_layer
+        self.end_layer = end_layer if end_layer is not None else self.hf_config.num_hidden_layers
+        self.num_layers = self.end_layer - self.start_layer
+        self.max_model_len = self._max_model_len()
+        self.block_size = cfg.cache.block_size
+        self.num_blocks = self._num_blocks()
+        hc = self.hf_config
+        self.num_kv_heads = self._local_kv_heads()
+        self.head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
+        self.kv = KVCacheManager(self.num_blocks, self.block_size)
+        self.kv_caches = allocate_kv_caches(
+            self.num_layers,
+            self.num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            self.dtype,
+            self.device,
+        )
+
+    # -- sizing -----------------------------------------------------------------------------
+    def _max_model_len(self) -> int:
+        limit = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or 2048
+        want = self.cfg.model.max_model_len
+        if want is None:
+            return limit
+        if want > limit:
+            raise ConfigError(
+                f"`{self.group}.model.max_model_len` must be <= {limit} "
+                f"(the model's max_position_embeddings), got {want}"
+            )
+        return want
+
+    def _local_kv_heads(self) -> int:
+        from outrider.workers.distributed import get_tp_group
+
+        hc = self.hf_config
+        total = getattr(hc, "num_key_value_heads", None) or hc.num_attention_heads
+        tp = get_tp_group().size
+        return max(1, total // tp)
+
+    def _num_blocks(self) -> int:
+        cache = self.cfg.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        hc = self.hf_config
+        kv_heads = getattr(hc, "num_key_value_heads", None) or hc.num_attention_heads
+        head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
+        per_block = kv_bytes_per_block(
+            self.num_layers, cache.block_size, kv_heads, head_dim, self.dtype
+        )
+        budget = int((cache.memory_gib or _DEFAULT_CACHE_GIB) * 2**30) // per_block
+        if cache.memory_gib is not None:
+            return max(1, budget)
+        full = _DEFAULT_FULL_SEQS * math.ceil(self.max_model_len / cache.block_size)
+        return max(1, min(budget, full))
+
+    # -- batch preparation ------------------------------------------------------------------
+    def prepare(self, deltas: Sequence[Delta], *, causal: bool = True) -> PreparedBatch:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_start = [0]
+        seq_lens: list[int] = []
+        for d in deltas:
+            have = self.kv.num_tokens(d.seq_id)
+            if d.start_pos > have:
+                raise ValueError(
+                    f"sequence {d.seq_id}: delta starts at {d.start_pos} but the cache holds "
+                    f"{have} tokens"
+                )
+            if d.end_pos > self.max_model_len:
+                raise ValueError(
+                    f"sequence {d.seq_id}: {d.end_pos} tokens exceed max_model_len "
+                    f"{self.max_model_len}"
+                )
+            self.kv.truncate(d.seq_id, d.start_pos)
+            slots.extend(self.kv.append(d.seq_id, len(d.token_ids)))
+            input_ids.extend(d.token_ids)
+            positions.extend(range(d.start_pos, d.end_pos))
+            q_start.append(q_start[-1] + len(d.token_ids))
+            seq_lens.append(d.end_pos)
+        return self._build(deltas, input_ids, positions, slots, q_start, seq_lens, causal)
+
+    def _build(
+        self,
+        deltas: Sequence[Delta],
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        q_start: list[int],
+        seq_lens: list[int],
+        causal: bool,
+    ) -> PreparedBatch:
+        dev = self.device
+        tables = [self.kv.block_table(d.seq_id) for d in deltas]
+        width = max((len(t) for t in tables), default=1)
+        block_tables = torch.zeros(len(tables), max(width, 1), dtype=torch.int64)
+        for i, t in enumerate(tables):
+            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+        q_lens = [b - a for a, b in zip(q_start[:-1], q_start[1:], strict=True)]
+        md = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(q_start, dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            block_tables=block_tables.to(dev),
+            max_query_len=max(q_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+            causal=causal,
+            query_lens_cpu=q_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        return PreparedBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            attn_metadata=md,
+            query_start_loc=q_start,
+            seq_ids=[d.seq_id for d in deltas],
+        )
+
+    # -- forward ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self,
+        batch: PreparedBatch,
+        *,
+        aux_layer_ids: tuple[int, ...] = (),
+        intermediate: IntermediateTensors | None = None,
+    ) -> ModelOutput:
+        ctx = ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)
+        with forward_context(ctx):
+            return self.model(
+                batch.input_ids,
+                batch.positions,
+                intermediate=intermediate,
+                aux_layer_ids=aux_layer_ids,
+            )
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden_states)
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        for seq_id in seq_ids:
+            self.kv.free(seq_id)
+
+    # -- introspection ----------------------------------------------------------------------
+    def kv_usage(self) -> dict[str, int]:
+        return {
+            "num_blocks": self.num_blocks,
+            "num_used_blocks": self.kv.num_used_blocks,
+            "block_size": self.block_size,
+            "num_seqs": len(self.kv.seq_ids()),
+        }

@@ -1,0 +1,204 @@
+"""Target side of a round: one forward over [delta + drafts], then lossless acceptance.
+
+Prefill and plain decoding are the same call with no drafts. Per sequence the result is the
+accepted drafts followed by one token from the target (the recovered token at the first
+rejection, or the bonus token when every draft was accepted), and optionally the target's aux
+hidden states for the rows that produced those tokens, which EAGLE-family and DFlash drafters
+consume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from outrider.kernels import registry
+from outrider.kernels.sampling.ops import (
+    SamplingTensors,
+    draw_exponential,
+    draw_rejection_randoms,
+    exponential_race,
+)
+from outrider.workers.config import SamplingParams
+from outrider.workers.protocol import Delta
+from outrider.workers.runner import ModelRunner
+
+Verification = Literal["strict", "probabilistic"]
+
+
+@dataclass
+class VerifyItem:
+    delta: Delta
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None  # [k, V] the drafter's q for each draft token
+    # NOTE: required on a sequence's first call; later calls reuse the stored params.
+    params: SamplingParams | None = None
+
+
+@dataclass
+class VerifyResult:
+    output_token_ids: list[list[int]]
+    num_accepted: list[int]
+    # [R, A*H] rows for seq b: len(delta_b) + num_accepted_b, in batch order; None if unused
+    hidden_states: torch.Tensor | None = None
+    hidden_rows: list[int] = field(default_factory=list)
+
+
+class Verifier:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        verification: Verification = "probabilistic",
+        aux_layer_ids: Sequence[int] = (),
+    ) -> None:
+        self.runner = runner
+        self.verification = verification
+        self.aux_layer_ids = tuple(sorted(set(aux_layer_ids)))
+        self.sampling_backend = registry.resolve("sampling", "auto", runner.device, torch.float32)
+        self.sampler = registry.get("sampling", self.sampling_backend)
+        self._params: dict[int, SamplingParams] = {}
+        self._generators: dict[int, torch.Generator] = {}
+
+    # -- state per sequence -----------------------------------------------------------------
+    def _register(self, item: VerifyItem) -> SamplingParams:
+        seq_id = item.delta.seq_id
+        if item.params is not None and seq_id not in self._params:
+            self._params[seq_id] = item.params
+            if item.params.seed is not None:
+                gen = torch.Generator(device=self.runner.device)
+                gen.manual_seed(item.params.seed % 2**64)
+                self._generators[seq_id] = gen
+        params = self._params.get(seq_id)
+        if params is None:
+            raise ValueError(f"sequence {seq_id}: first verify call must carry sampling params")
+        return params
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        for seq_id in seq_ids:
+            self._params.pop(seq_id, None)
+            self._generators.pop(seq_id, None)
+        self.runner.release(seq_ids)
+
+    # -- the round --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def verify(self, items: Sequence[VerifyItem]) -> VerifyResult:
+        params = [self._register(it) for it in items]
+        deltas = [
+            Delta(it.delta.seq_id, it.delta.start_pos, it.delta.token_ids + it.draft_token_ids)
+            for it in items
+        ]
+        batch = self.runner.prepare(deltas)
+        out = self.runner.forward(batch, aux_layer_ids=self.aux_layer_ids)
+        q_start = batch.query_start_loc
+        num_draft = [len(it.draft_token_ids) for it in items]
+        rows = [
+            q_start[b] + len(it.delta.token_ids) - 1 + j
+            for b, it in enumerate(items)
+            for j in range(num_draft[b] + 1)
+        ]
+        hidden = out.hidden_states
+        assert hidden is not None, "verify runs on the last pipeline stage"
+        logits = self.runner.compute_logits(hidden[rows])  # [sum(k_b + 1), V]
+        outputs, accepted = self._accept(items, params, num_draft, logits)
+        result = VerifyResult(outputs, accepted)
+        if self.aux_layer_ids:
+            aux = torch.cat([out.aux_hidden_states[i] for i in self.aux_layer_ids], dim=-1)
+            spans = [
+                (q_start[b], q_start[b] + len(it.delta.token_ids) + accepted[b])
+                for b, it in enumerate(items)
+            ]
+            result.hidden_states = torch.cat([aux[a:e] for a, e in spans])  # [R, A*H]
+            result.hidden_rows = [e - a for a, e in spans]
+        return result
+
+    def _accept(
+        self,
+        items: Sequence[VerifyItem],
+        params: Sequence[SamplingParams],
+        num_draft: Sequence[int],
+        logits: torch.Tensor,  # [sum(k_b + 1), V]
+    ) -> tuple[list[list[int]], list[int]]:
+        b_total = len(items)
+        k_max = max(num_draft, default=0)
+        dev = logits.device
+        offsets = [0]
+        for n in num_draft:
+            offsets.append(offsets[-1] + n + 1)
+        # [B, K+1] row index into logits for each (seq, position); padding repeats the last row
+        gather = torch.tensor(
+            [[offsets[b] + min(j, num_draft[b]) for j in range(k_max + 1)] for b in range(b_total)],
+            dtype=torch.int64,
+            device=dev,
+        )
+        drafts = torch.full((b_total, max(k_max, 1)), -1, dtype=torch.int64)
+        for b, it in enumerate(items):
+            if it.draft_token_ids:
+                drafts[b, : len(it.draft_token_ids)] = torch.tensor(it.draft_token_ids)
+        drafts = drafts[:, :k_max].to(dev)
+        n_draft = torch.tensor(num_draft, dtype=torch.int64, device=dev)
+        out_tokens = torch.full((b_total, k_max + 1), -1, dtype=torch.int64, device=dev)
+        n_acc = torch.zeros(b_total, dtype=torch.int64, device=dev)
+
+        greedy = [b for b, p in enumerate(params) if p.greedy]
+        random = [b for b, p in enumerate(params) if not p.greedy]
+        if greedy:
+            g = torch.tensor(greedy, device=dev)
+            target = logits[gather[g]].argmax(dim=-1)  # [Bg, K+1]
+            o, n = self.sampler.rejection_sample_strict(drafts[g], n_draft[g], target)
+            out_tokens[g], n_acc[g] = o, n
+        if random:
+            r = torch.tensor(random, device=dev)
+            o, n = self._accept_random(
+                items, params, random, drafts[r], n_draft[r], logits, gather[r]
+            )
+            out_tokens[r], n_acc[r] = o, n
+        out_list = out_tokens.tolist()
+        acc_list = n_acc.tolist()
+        return [row[: a + 1] for row, a in zip(out_list, acc_list, strict=True)], acc_list
+
+    def _accept_random(
+        self,
+        items: Sequence[VerifyItem],
+        params: Sequence[SamplingParams],
+        rows: list[int],
+        drafts: torch.Tensor,  # [Br, K]
+        n_draft: torch.Tensor,  # [Br]
+        logits: torch.Tensor,  # [sum(k_b + 1), V]
+        gather: torch.Tensor,  # [Br, K+1]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = logits.device
+        k_max = drafts.shape[1]
+        sel = [params[b] for b in rows]
+        gens = [self._generators.get(items[b].delta.seq_id) for b in rows]
+        st = SamplingTensors.from_lists(
+            [p.temperature for p in sel], [p.top_k for p in sel], [p.top_p for p in sel],
+            gens, dev,
+        )
+        probs = self.sampler.compute_probs(logits[gather], st)  # [Br, K+1, V]
+        vocab = probs.shape[-1]
+        if self.verification == "strict" or k_max == 0:
+            # NOTE: sample-then-compare: every emitted token is a sample of p, hence lossless.
+            noise = draw_exponential((k_max + 1, vocab), gens, dev, probs.dtype)  # [Br, K+1, V]
+            target = exponential_race(probs, noise)  # [Br, K+1]
+            return self.sampler.rejection_sample_strict(drafts, n_draft, target)
+        q = torch.zeros(len(rows), k_max, vocab, dtype=probs.dtype, device=dev)
+        for i, b in enumerate(rows):
+            it = items[b]
+            n = len(it.draft_token_ids)
+            if n == 0:
+                continue
+            if it.draft_probs is not None:
+                q[i, :n] = it.draft_probs[:n].to(device=dev, dtype=probs.dtype)
+            else:
+                q[i, torch.arange(n), torch.tensor(it.draft_token_ids)] = 1.0
+        uniforms, noise = draw_rejection_randoms(
+            n_draft.tolist(), k_max, vocab, gens, dev, probs.dtype
+        )  # [Br, K], [Br, V]
+        idx = torch.arange(len(rows), device=dev)
+        # NOTE: one noise row per request: it draws the bonus only when nothing was rejected.
+        bonus = exponential_race(probs[idx, n_draft], noise)  # [Br]
+        return self.sampler.rejection_sample(drafts, n_draft, q, probs, uniforms, noise, bonus)
