@@ -53,7 +53,13 @@ class LLM:
         self.tokenizer = load_tokenizer(config.target.model)
         self.spec = resolve_speculative(config.speculative, config.target)
         self.drafter = (
-            build_drafter(self.spec, config.target, target_runner=self.runner)
+            build_drafter(
+                self.spec,
+                config.target,
+                target_vocab_size=self.runner.hf_config.vocab_size,
+                target_num_layers=self.runner.hf_config.num_hidden_layers,
+                target_moe_backend=self.runner.moe_backend,
+            )
             if self.spec is not None
             else None
         )

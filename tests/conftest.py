@@ -7,7 +7,9 @@ import torch
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA (run on the device machine; see tests/gpu/README.md)")
+    skip = pytest.mark.skip(
+        reason="needs CUDA (run on the device machine; see tests/gpu/README.md)"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,10 +21,12 @@ from outrider.workers.config import ConfigError, WorkerConfig
 from outrider.workers.forward_context import ForwardContext, forward_context
 from outrider.workers.kv_cache import KVCacheManager, allocate_kv_caches, kv_bytes_per_block
 from outrider.workers.models.base import IntermediateTensors, ModelOutput
-from outrider.workers.models.loader import load_hf_config, load_model
+from outrider.workers.models.loader import load_model
 from outrider.workers.protocol import Delta
 
 logger = logging.getLogger(__name__)
+
+ModelBuilder = Callable[[torch.device, torch.dtype, str], tuple[nn.Module, Any]]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -73,12 +76,14 @@ class ModelRunner:
         start_layer: int = 0,
         end_layer: int | None = None,
         group: str = "target",
+        build: ModelBuilder | None = None,
     ) -> None:
+        """``build(device, dtype, moe_backend) -> (model, hf_config)`` replaces the loader for
+        models that are not plain causal LMs (EAGLE-3 and DFlash drafters)."""
         self.cfg = cfg
         self.group = group
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
-        self.hf_config = load_hf_config(cfg.model.path)
         quant = cfg.model.quantization
         self.attention_backend = registry.resolve(
             "attention",
@@ -98,14 +103,17 @@ class ModelRunner:
         )
         self.attn_backend = registry.get("attention", self.attention_backend)
         self.model: nn.Module
-        self.model, self.hf_config = load_model(
-            cfg.model,
-            device=self.device,
-            dtype=self.dtype,
-            moe_backend=self.moe_backend,
-            start_layer=start_layer,
-            end_layer=end_layer,
-        )
+        if build is not None:
+            self.model, self.hf_config = build(self.device, self.dtype, self.moe_backend)
+        else:
+            self.model, self.hf_config = load_model(
+                cfg.model,
+                device=self.device,
+                dtype=self.dtype,
+                moe_backend=self.moe_backend,
+                start_layer=start_layer,
+                end_layer=end_layer,
+            )
         self.model.eval()
         self.start_layer = start_layer
         self.end_layer = end_layer if end_layer is not None else self.hf_config.num_hidden_layers

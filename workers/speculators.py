@@ -113,13 +113,17 @@ def load_speculators_config(path: str | Path) -> SpeculatorsCheckpoint:
         )
     verifier = _req(data, "speculators_config.verifier", where)
     if not isinstance(verifier, dict) or "name_or_path" not in verifier:
-        raise ConfigError(f"{where}: required key `speculators_config.verifier.name_or_path` "
-                          "is missing")
+        raise ConfigError(
+            f"{where}: required key `speculators_config.verifier.name_or_path` is missing"
+        )
     layer_cfg = _req(data, "transformer_layer_config", where)
     if not isinstance(layer_cfg, dict):
         raise ConfigError(f"{where}: `transformer_layer_config` must be an object")
-    vt = _int(_req(layer_cfg, "vocab_size", where + " transformer_layer_config"),
-              "transformer_layer_config.vocab_size", where)
+    vt = _int(
+        _req(layer_cfg, "vocab_size", where + " transformer_layer_config"),
+        "transformer_layer_config.vocab_size",
+        where,
+    )
     vd = data.get("draft_vocab_size")
     vd = vt if vd is None else _int(vd, "draft_vocab_size", where)
 

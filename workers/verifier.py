@@ -175,8 +175,11 @@ class Verifier:
         sel = [params[b] for b in rows]
         gens = [self._generators.get(items[b].delta.seq_id) for b in rows]
         st = SamplingTensors.from_lists(
-            [p.temperature for p in sel], [p.top_k for p in sel], [p.top_p for p in sel],
-            gens, dev,
+            [p.temperature for p in sel],
+            [p.top_k for p in sel],
+            [p.top_p for p in sel],
+            gens,
+            dev,
         )
         probs = self.sampler.compute_probs(logits[gather], st)  # [Br, K+1, V]
         vocab = probs.shape[-1]

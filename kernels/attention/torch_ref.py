@@ -83,18 +83,21 @@ def paged_attention(
     b, max_q = md.num_seqs, md.max_query_len
     keys = k_cache.view(-1, n_kv, hd)[plan["key_slots"]]  # [B, S, nKV, hd]
     vals = v_cache.view(-1, n_kv, hd)[plan["key_slots"]]
-    qp = q.new_zeros(b * max_q, n_heads, hd)
-    qp[plan["q_index"]] = q
-    qp = qp.view(b, max_q, n_heads, hd).transpose(1, 2)  # [B, nH, Q, hd]
+    # NOTE: when every sequence has max_q queries (decode, uniform verify) no padding is needed.
+    dense = b * max_q == t
+    if dense:
+        qp = q.view(b, max_q, n_heads, hd).transpose(1, 2)  # [B, nH, Q, hd]
+    else:
+        qp = q.new_zeros(b * max_q, n_heads, hd)
+        qp[plan["q_index"]] = q
+        qp = qp.view(b, max_q, n_heads, hd).transpose(1, 2)  # [B, nH, Q, hd]
     keys = keys.to(q.dtype).transpose(1, 2)  # [B, nKV, S, hd]
     vals = vals.to(q.dtype).transpose(1, 2)
-    if n_kv != n_heads:
-        rep = n_heads // n_kv
-        keys = keys.repeat_interleave(rep, dim=1)
-        vals = vals.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=plan["mask"], scale=scale)
+    out = F.scaled_dot_product_attention(
+        qp, keys, vals, attn_mask=plan["mask"], scale=scale, enable_gqa=n_kv != n_heads
+    )
     out = out.transpose(1, 2).reshape(b * max_q, n_heads, hd)  # [B*Q, nH, hd]
-    return out[plan["q_index"]]
+    return out if dense else out[plan["q_index"]]
 
 
 class TorchAttentionBackend:

@@ -60,8 +60,9 @@ class SamplingTensors:
             )
         greedy = [float(t) < GREEDY_EPS for t in temperatures]
         return cls(
-            temperature=torch.tensor([float(t) for t in temperatures], dtype=torch.float32,
-                                     device=device),
+            temperature=torch.tensor(
+                [float(t) for t in temperatures], dtype=torch.float32, device=device
+            ),
             top_k=torch.tensor(ks, dtype=torch.int64, device=device),
             top_p=torch.tensor(ps, dtype=torch.float32, device=device),
             generators=gens,

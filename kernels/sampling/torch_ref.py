@@ -102,7 +102,8 @@ def rejection_sample_strict(
     # NOTE: accepted drafts equal the target's tokens, so the output is a prefix of the targets.
     col = torch.arange(k + 1, device=device)  # [K+1]
     output = torch.where(
-        col[None, :] <= num_accepted[:, None], target_token_ids.to(torch.int64),
+        col[None, :] <= num_accepted[:, None],
+        target_token_ids.to(torch.int64),
         PLACEHOLDER_TOKEN_ID,
     )  # [B, K+1]
     return output, num_accepted
@@ -157,8 +158,11 @@ def rejection_sample(
 
     last = torch.where(num_accepted == n, bonus, recovered)  # [B]
     padded = torch.cat(
-        [draft_token_ids.to(torch.int64),
-         torch.full((b, 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int64, device=device)], dim=1,
+        [
+            draft_token_ids.to(torch.int64),
+            torch.full((b, 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int64, device=device),
+        ],
+        dim=1,
     )  # [B, K+1]
     col = torch.arange(k + 1, device=device)  # [K+1]
     output = torch.where(col[None, :] < num_accepted[:, None], padded, PLACEHOLDER_TOKEN_ID)
@@ -198,8 +202,15 @@ class TorchSamplingBackend:
         recovered_noise: torch.Tensor,  # [B, K, V] or [B, V]
         bonus_token_ids: torch.Tensor,  # [B]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rejection_sample(draft_token_ids, num_draft_tokens, draft_probs, target_probs,
-                                uniforms, recovered_noise, bonus_token_ids)
+        return rejection_sample(
+            draft_token_ids,
+            num_draft_tokens,
+            draft_probs,
+            target_probs,
+            uniforms,
+            recovered_noise,
+            bonus_token_ids,
+        )
 
 
 BACKEND = TorchSamplingBackend()

@@ -39,11 +39,16 @@ def test_paged_matches_dense_over_mixed_batch(causal: bool) -> None:
     torch.manual_seed(0)
     n_heads, n_kv, hd, bs = 4, 2, 8, 4
     kv = KVCacheManager(num_blocks=32, block_size=bs)
-    (k_cache, v_cache) = allocate_kv_caches(1, 32, bs, n_kv, hd, torch.float64, torch.device("cpu"))[0]
+    (k_cache, v_cache) = allocate_kv_caches(
+        1, 32, bs, n_kv, hd, torch.float64, torch.device("cpu")
+    )[0]
     # history per sequence, written in a first step (prefill)
     lens = {0: 9, 1: 3, 2: 14}
     hist = {
-        s: (torch.randn(n, n_kv, hd, dtype=torch.float64), torch.randn(n, n_kv, hd, dtype=torch.float64))
+        s: (
+            torch.randn(n, n_kv, hd, dtype=torch.float64),
+            torch.randn(n, n_kv, hd, dtype=torch.float64),
+        )
         for s, n in lens.items()
     }
     md = _metadata(kv, [(s, 0, n) for s, n in lens.items()], causal=True)

@@ -35,7 +35,10 @@ def test_yaml_and_json_and_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("target: {model: {dtyp: float32}}", r"unknown key `target.model.dtyp`; allowed keys: .*dtype"),
+        (
+            "target: {model: {dtyp: float32}}",
+            r"unknown key `target.model.dtyp`; allowed keys: .*dtype",
+        ),
         ("bogus: 1", r"unknown key `bogus`; allowed keys: scheduler, server, speculative, target"),
         ("target: {model: {dtype: float8}}", r"`target.model.dtype`"),
         ("scheduler: {max_num_seqs: many}", r"`scheduler.max_num_seqs`: Expected `int`"),

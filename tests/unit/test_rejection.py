@@ -16,11 +16,14 @@ from outrider.kernels.sampling.torch_ref import (
 V = 6
 K = 2
 # Target p per absolute position (context-independent) and a clearly different drafter q.
-P_BY_POS = torch.tensor([
-    [0.30, 0.25, 0.20, 0.10, 0.10, 0.05],
-    [0.05, 0.15, 0.30, 0.10, 0.25, 0.15],
-    [0.20, 0.20, 0.20, 0.20, 0.10, 0.10],
-], dtype=torch.float64)  # [3, V]
+P_BY_POS = torch.tensor(
+    [
+        [0.30, 0.25, 0.20, 0.10, 0.10, 0.05],
+        [0.05, 0.15, 0.30, 0.10, 0.25, 0.15],
+        [0.20, 0.20, 0.20, 0.20, 0.10, 0.10],
+    ],
+    dtype=torch.float64,
+)  # [3, V]
 Q = torch.tensor([0.05, 0.10, 0.10, 0.20, 0.25, 0.30], dtype=torch.float64)  # [V]
 
 
@@ -43,8 +46,14 @@ def strict_reference(drafts: list[int], n: int, targets: list[int]) -> list[int]
 
 
 def probabilistic_reference(
-    b: int, drafts: torch.Tensor, n: int, q: torch.Tensor | None, p: torch.Tensor,
-    u: torch.Tensor, noise: torch.Tensor, bonus: int,
+    b: int,
+    drafts: torch.Tensor,
+    n: int,
+    q: torch.Tensor | None,
+    p: torch.Tensor,
+    u: torch.Tensor,
+    noise: torch.Tensor,
+    bonus: int,
 ) -> list[int]:
     out: list[int] = []
     for i in range(n):
@@ -71,7 +80,10 @@ def padded(rows: list[list[int]], width: int) -> torch.Tensor:
 
 
 def random_case(
-    gen: torch.Generator, b: int, k: int, v: int,
+    gen: torch.Generator,
+    b: int,
+    k: int,
+    v: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n = torch.randint(0, k + 1, (b,), generator=gen)  # [B]
     n[0], n[1] = 0, k
@@ -101,8 +113,10 @@ def test_strict_matches_reference() -> None:
     assert int(acc[2]) == k and out[2, k] == targets[2, k]
     assert int(acc[3]) == 0 and out[3, 0] == targets[3, 0]
     out0, acc0 = BACKEND.rejection_sample_strict(
-        torch.empty(2, 0, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
-        torch.tensor([[4], [5]]))
+        torch.empty(2, 0, dtype=torch.int64),
+        torch.zeros(2, dtype=torch.int64),
+        torch.tensor([[4], [5]]),
+    )
     assert out0.tolist() == [[4], [5]] and acc0.tolist() == [0, 0]
 
 
@@ -113,19 +127,32 @@ def test_probabilistic_matches_per_row_reference() -> None:
     u = torch.rand(b, k, generator=gen)  # [B, K]
     u[5] = 0.0
     bonus = torch.randint(0, v, (b,), generator=gen)  # [B]
-    for noise in (torch.empty(b, v).exponential_(generator=gen),
-                  torch.empty(b, k, v).exponential_(generator=gen)):
+    for noise in (
+        torch.empty(b, v).exponential_(generator=gen),
+        torch.empty(b, k, v).exponential_(generator=gen),
+    ):
         for draft_probs in (q, None):
             out, acc = rejection_sample(drafts, n, draft_probs, p, u, noise, bonus)
-            rows = [probabilistic_reference(i, drafts, int(n[i]), draft_probs, p, u, noise,
-                                            int(bonus[i])) for i in range(b)]
+            rows = [
+                probabilistic_reference(
+                    i, drafts, int(n[i]), draft_probs, p, u, noise, int(bonus[i])
+                )
+                for i in range(b)
+            ]
             assert torch.equal(out, padded(rows, k + 1))
             assert torch.equal(acc, torch.tensor([len(r) - 1 for r in rows]))
             assert 0 < int(acc.sum()) < int(n.sum())
     out32, acc32 = rejection_sample(drafts, n, q.float(), p.float(), u, noise.float(), bonus)
     assert out32.shape == (b, k + 1) and acc32.dtype == torch.int64
-    out0, acc0 = rejection_sample(torch.empty(b, 0, dtype=torch.int64), torch.zeros(b), None,
-                                  p[:, :1], torch.empty(b, 0), noise[:, :0], bonus)
+    out0, acc0 = rejection_sample(
+        torch.empty(b, 0, dtype=torch.int64),
+        torch.zeros(b),
+        None,
+        p[:, :1],
+        torch.empty(b, 0),
+        noise[:, :0],
+        bonus,
+    )
     assert torch.equal(out0[:, 0], bonus) and int(acc0.sum()) == 0
 
 
@@ -145,7 +172,9 @@ def test_greedy_target_reduces_to_strict() -> None:
 
 
 def _round(
-    start: torch.Tensor, draw_drafts: Callable[[int], torch.Tensor], use_q: bool,
+    start: torch.Tensor,
+    draw_drafts: Callable[[int], torch.Tensor],
+    use_q: bool,
     per_position_noise: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One verification round per row starting at absolute position ``start`` [B]."""
@@ -165,16 +194,18 @@ def _round(
 
 
 def _check_first_two_tokens(
-    draw_drafts: Callable[[int], torch.Tensor], use_q: bool, per_position_noise: bool,
+    draw_drafts: Callable[[int], torch.Tensor],
+    use_q: bool,
+    per_position_noise: bool,
 ) -> torch.Tensor:
     rows = 60_000
-    out, acc = _round(torch.zeros(rows, dtype=torch.int64), draw_drafts, use_q,
-                      per_position_noise)
+    out, acc = _round(torch.zeros(rows, dtype=torch.int64), draw_drafts, use_q, per_position_noise)
     first = out[:, 0]  # [N]
     second = out[:, 1].clone()  # [N]
     short = acc == 0  # [N] rows that emitted one token need a second round
-    out2, _ = _round(torch.ones(int(short.sum()), dtype=torch.int64), draw_drafts, use_q,
-                     per_position_noise)
+    out2, _ = _round(
+        torch.ones(int(short.sum()), dtype=torch.int64), draw_drafts, use_q, per_position_noise
+    )
     second[short] = out2[:, 0]
     assert bool((first >= 0).all()) and bool((second >= 0).all())
     p_first = chi_square_p_value(torch.bincount(first, minlength=V), P_BY_POS[0])
@@ -188,7 +219,8 @@ def _check_first_two_tokens(
 def test_output_distribution_is_the_target_with_draft_probs() -> None:
     torch.manual_seed(3)
     acc = _check_first_two_tokens(
-        lambda b: torch.multinomial(Q.expand(b, V), K, replacement=True), True, False)
+        lambda b: torch.multinomial(Q.expand(b, V), K, replacement=True), True, False
+    )
     assert acc.max() == K
 
 
@@ -196,7 +228,8 @@ def test_output_distribution_is_the_target_with_one_hot_q() -> None:
     torch.manual_seed(4)
     drafter = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.2, 0.7], dtype=torch.float64)
     _check_first_two_tokens(
-        lambda b: torch.multinomial(drafter.expand(b, V), K, replacement=True), False, True)
+        lambda b: torch.multinomial(drafter.expand(b, V), K, replacement=True), False, True
+    )
 
 
 def test_acceptance_rate_is_sum_of_min_p_q() -> None:
@@ -204,9 +237,15 @@ def test_acceptance_rate_is_sum_of_min_p_q() -> None:
     b = 50_000
     drafts = torch.multinomial(Q.expand(b, V), 1, replacement=True)  # [B, 1]
     p = P_BY_POS[:2].expand(b, 2, V)
-    _, acc = rejection_sample(drafts, torch.ones(b, dtype=torch.int64), Q.expand(b, 1, V), p,
-                              torch.rand(b, 1), torch.empty(b, V).exponential_(),
-                              torch.zeros(b, dtype=torch.int64))
+    _, acc = rejection_sample(
+        drafts,
+        torch.ones(b, dtype=torch.int64),
+        Q.expand(b, 1, V),
+        p,
+        torch.rand(b, 1),
+        torch.empty(b, V).exponential_(),
+        torch.zeros(b, dtype=torch.int64),
+    )
     expected = float(torch.minimum(P_BY_POS[0], Q).sum())
     assert abs(float(acc.double().mean()) - expected) < 4 * (expected / b) ** 0.5
 
@@ -222,8 +261,7 @@ def test_p_equal_q_accepts_every_draft() -> None:
     u = torch.rand(b, k, generator=gen)
     u[:, 0] = 1.0 - 2**-24
     bonus = torch.randint(0, v, (b,), generator=gen)
-    out, acc = rejection_sample(drafts, n, p[:, :k], p, u, torch.empty(b, v).exponential_(),
-                                bonus)
+    out, acc = rejection_sample(drafts, n, p[:, :k], p, u, torch.empty(b, v).exponential_(), bonus)
     assert torch.equal(acc, n)
     assert torch.equal(out[:, :k][drafts >= 0], drafts[drafts >= 0])
     assert torch.equal(out[torch.arange(b), n], bonus)
@@ -238,10 +276,15 @@ def test_draft_with_zero_target_prob_is_always_rejected() -> None:
     u = torch.rand(b, 1, generator=gen)
     u[:100] = 0.0
     for draft_probs in (q.expand(b, 1, 4), None):
-        out, acc = rejection_sample(drafts, torch.ones(b, dtype=torch.int64), draft_probs,
-                                    p.expand(b, 2, 4), u,
-                                    torch.empty(b, 4).exponential_(generator=gen),
-                                    torch.ones(b, dtype=torch.int64))
+        out, acc = rejection_sample(
+            drafts,
+            torch.ones(b, dtype=torch.int64),
+            draft_probs,
+            p.expand(b, 2, 4),
+            u,
+            torch.empty(b, 4).exponential_(generator=gen),
+            torch.ones(b, dtype=torch.int64),
+        )
         assert int(acc.sum()) == 0
         assert bool((out[:, 0] != 1).all()) and bool((out[:, 1] == -1).all())
         residual = (p - q).clamp_min(0) if draft_probs is not None else p
@@ -254,9 +297,15 @@ def test_no_residual_mass_falls_back_to_p() -> None:
     b = 4_000
     p = torch.tensor([0.5, 0.5, 0.0])
     q = torch.tensor([0.5, 0.5, 0.2])  # NOTE: q >= p everywhere, so max(p - q, 0) is all zero
-    out, acc = rejection_sample(torch.full((b, 1), 2), torch.ones(b, dtype=torch.int64),
-                                q.expand(b, 1, 3), p.expand(b, 2, 3), torch.rand(b, 1),
-                                torch.empty(b, 3).exponential_(), torch.zeros(b, dtype=torch.int64))
+    out, acc = rejection_sample(
+        torch.full((b, 1), 2),
+        torch.ones(b, dtype=torch.int64),
+        q.expand(b, 1, 3),
+        p.expand(b, 2, 3),
+        torch.rand(b, 1),
+        torch.empty(b, 3).exponential_(),
+        torch.zeros(b, dtype=torch.int64),
+    )
     counts = torch.bincount(out[:, 0], minlength=3)
     assert int(acc.sum()) == 0 and int(counts[2]) == 0
     assert 1_800 < int(counts[0]) < 2_200

@@ -113,8 +113,9 @@ def test_compute_probs_temperature_top_k_top_p() -> None:
 
 def test_greedy_rows_are_one_hot_and_dtypes() -> None:
     logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, 1.0, 0.0, 5.0]], dtype=torch.bfloat16)
-    probs = compute_probs(logits, torch.tensor([0.0, 0.0]), torch.tensor([3, 0]),
-                          torch.tensor([0.5, 1.0]))
+    probs = compute_probs(
+        logits, torch.tensor([0.0, 0.0]), torch.tensor([3, 0]), torch.tensor([0.5, 1.0])
+    )
     assert probs.dtype == torch.float32
     # NOTE: greedy ties go to the lowest token id, like torch.argmax.
     assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]

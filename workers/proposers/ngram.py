@@ -17,8 +17,8 @@ from outrider.workers.proposers.base import (
     DrafterCapabilities,
     DraftMode,
     ProposeItem,
-    ProposeResult,
     Proposer,
+    ProposeResult,
 )
 from outrider.workers.spec_config import SpeculativeConfig
 

@@ -1,0 +1,120 @@
+"""Reference MoE in torch: expert routing, a per-expert loop oracle and a grouped CPU path.
+
+Expert weights follow vLLM's fused layout: ``w13 [E, 2I, H]`` holds each expert's gate rows
+(first I) above its up rows (last I), and ``w2 [E, H, I]`` is the down projection. The expert
+MLP is ``w2 @ (silu(gate @ x) * (up @ x))``; a token's output is the routing-weighted sum over
+its top-k experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# NOTE: torch's grouped_mm runs on the CPU for these dtypes only (not float64).
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def select_experts(
+    router_logits: torch.Tensor,  # [T, E]
+    top_k: int,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts, keep the top k, optionally renormalise them to sum to 1.
+
+    Covers Qwen3-MoE (``renormalize = norm_topk_prob``) and Mixtral (softmax over the top-k
+    logits, which equals softmax → top-k → renormalise). Returns ``topk_weights [T, k]`` float32
+    (for every logits dtype, as HF does) and ``topk_ids [T, k]`` int64.
+    """
+    probs = torch.softmax(router_logits.to(torch.float32), dim=-1)  # [T, E]
+    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights, topk_ids
+
+
+def _expert_mlp(
+    x: torch.Tensor,  # [M, H]
+    w13: torch.Tensor,  # [2I, H]
+    w2: torch.Tensor,  # [H, I]
+) -> torch.Tensor:
+    gate_up = F.linear(x, w13)  # [M, 2I]
+    inter = w2.shape[1]
+    return F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2)  # [M, H]
+
+
+def moe_reference(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+) -> torch.Tensor:
+    """Plain per-expert loop: the oracle every MoE kernel is checked against."""
+    acc = _accum_dtype(x.dtype)
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)  # [T, H]
+    for e in range(w13.shape[0]):
+        tok, slot = torch.where(topk_ids == e)
+        if tok.numel() == 0:
+            continue
+        y = _expert_mlp(x[tok], w13[e], w2[e])  # [m, H]
+        out.index_add_(0, tok, y.to(acc) * topk_weights[tok, slot, None].to(acc))
+    return out.to(x.dtype)
+
+
+class TorchMoeBackend:
+    """Grouped MoE: token-expert pairs sorted by expert, one matmul per expert segment.
+
+    On the CPU in float32/bf16/fp16 both projections are single ``grouped_mm`` calls over the
+    sorted pairs; elsewhere (float64, CUDA) the segments are walked with one matmul each.
+    """
+
+    name = "torch"
+
+    @staticmethod
+    def select_experts(
+        router_logits: torch.Tensor, top_k: int, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_experts(router_logits, top_k, renormalize)
+
+    @staticmethod
+    def fused_moe(
+        x: torch.Tensor,  # [T, H]
+        w13: torch.Tensor,  # [E, 2I, H]
+        w2: torch.Tensor,  # [E, H, I]
+        topk_weights: torch.Tensor,  # [T, k] float32 (or wider)
+        topk_ids: torch.Tensor,  # [T, k] int64
+    ) -> torch.Tensor:
+        num_tokens, top_k = topk_ids.shape
+        num_experts, inter = w13.shape[0], w2.shape[2]
+        acc = _accum_dtype(x.dtype)
+        if num_tokens == 0:
+            return x.new_zeros(x.shape)
+        flat_ids = topk_ids.reshape(-1)  # [T*k]
+        order = torch.argsort(flat_ids, stable=True)  # [T*k] pairs grouped by expert
+        token_of_pair = order // top_k  # [T*k]
+        counts = torch.bincount(flat_ids, minlength=num_experts)  # [E]
+        xs = x[token_of_pair]  # [T*k, H]
+        if x.device.type == "cpu" and x.dtype in _GROUPED_MM_DTYPES:
+            offsets = torch.cumsum(counts, 0).to(torch.int32)  # [E] segment ends
+            gate_up = F.grouped_mm(xs, w13.transpose(1, 2), offs=offsets)  # [T*k, 2I]
+            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [T*k, I]
+            ys = F.grouped_mm(act, w2.transpose(1, 2), offs=offsets)  # [T*k, H]
+        else:
+            ys = torch.empty_like(xs)  # [T*k, H]
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    ys[start : start + n] = _expert_mlp(xs[start : start + n], w13[e], w2[e])
+                    start += n
+        weights = topk_weights.reshape(-1)[order, None].to(acc)  # [T*k, 1]
+        out = torch.zeros(x.shape, dtype=acc, device=x.device)  # [T, H]
+        out.index_add_(0, token_of_pair, ys.to(acc) * weights)
+        return out.to(x.dtype)
+
+
+BACKEND = TorchMoeBackend()
