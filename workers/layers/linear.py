@@ -61,20 +61,29 @@ class LinearBase(nn.Module):
     ) -> None:
         default_weight_loader(param, loaded_weight)
 
+    # NOTE: weights are frozen once loaded; the CPU packed copy is built on first use, and code
+    # that changes a weight afterwards must call invalidate_packed() (the loader does).
     _packed: torch.Tensor | None = None
-    _packed_version: int = -1
+
+    def invalidate_packed(self) -> None:
+        self._packed = None
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = self.weight
         if x.requires_grad or not cpu_linear.can_pack(w) or x.dtype != w.dtype:
             return F.linear(x, w, bias)
-        if self._packed is None or self._packed_version != w._version:
+        if self._packed is None:
             self._packed = cpu_linear.pack_weight(w)
-            self._packed_version = w._version
         return cpu_linear.packed_linear(x, self._packed, bias, w.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.bias)
+
+
+def invalidate_packed_weights(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.invalidate_packed()
 
 
 class ReplicatedLinear(LinearBase):

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from outrider.workers.config import ModelConfig
+from outrider.workers.layers.linear import invalidate_packed_weights
 from outrider.workers.models.base import ModelLoadError
 from outrider.workers.models.gguf_loader import gguf_config, gguf_weights, open_gguf
 from outrider.workers.models.registry import get_model_class
@@ -161,6 +162,7 @@ def load_model(
     missing = {name for name, _ in model.named_parameters()} - loaded
     if missing:
         raise ModelLoadError(f"{path}: checkpoint lacks weights for {unexpected(missing)}")
+    invalidate_packed_weights(model)
     return model.eval(), config
 
 
