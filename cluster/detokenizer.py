@@ -16,13 +16,18 @@ from outrider.cluster.sequence import SeqStatus, Sequence
 
 class Detokenizer:
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, eos_token_ids: Iterable[int], max_model_len: int
+        self,
+        tokenizer: PreTrainedTokenizerBase | None,
+        eos_token_ids: Iterable[int],
+        max_model_len: int,
     ) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
 
     def _decode_next(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
         ids = seq.token_ids
         prefix = self.tokenizer.decode(
             ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True
@@ -69,6 +74,8 @@ class Detokenizer:
 
     def flush(self, seq: Sequence) -> None:
         """Emit text held back for an incomplete UTF-8 sequence once the request ends."""
+        if self.tokenizer is None:
+            return
         tail = self.tokenizer.decode(seq.token_ids[seq.prefix_offset :], skip_special_tokens=True)
         head = self.tokenizer.decode(
             seq.token_ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True

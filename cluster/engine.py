@@ -135,6 +135,9 @@ class EngineCore:
         if batch.preempted:
             self.stats.num_preemptions += len(batch.preempted)
             self._release(batch.preempted)
+            for seq in batch.preempted:
+                seq.target_len = seq.draft_len = 0
+                seq.pending_hidden = None
         seqs = batch.seqs
         if not seqs:
             return []

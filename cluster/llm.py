@@ -17,7 +17,7 @@ from outrider.cluster.engine import EngineCore
 from outrider.cluster.scheduler import KVBudget, Scheduler
 from outrider.cluster.sequence import SpecStats
 from outrider.workers.config import ConfigError, SamplingParams
-from outrider.workers.models.loader import load_tokenizer
+from outrider.workers.models.loader import has_tokenizer, load_tokenizer
 from outrider.workers.proposers.factory import build_drafter, resolve_speculative
 from outrider.workers.runner import ModelRunner
 from outrider.workers.verifier import Verifier
@@ -38,7 +38,8 @@ class RequestOutput:
 
 def eos_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
     ids: set[int] = set()
-    for src in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+    tok_eos = tokenizer.eos_token_id if tokenizer is not None else None
+    for src in (getattr(hf_config, "eos_token_id", None), tok_eos):
         if isinstance(src, int):
             ids.add(src)
         elif isinstance(src, (list, tuple)):
@@ -50,7 +51,10 @@ class LLM:
     def __init__(self, config: OutriderConfig | None = None) -> None:
         self.config = config = (config or OutriderConfig()).validate()
         self.runner = ModelRunner(config.target, group="target")
-        self.tokenizer = load_tokenizer(config.target.model)
+        # NOTE: a model without a tokenizer (tiny test models) takes token ids and returns no text.
+        self.tokenizer = (
+            load_tokenizer(config.target.model) if has_tokenizer(config.target.model) else None
+        )
         self.spec = resolve_speculative(config.speculative, config.target)
         self.drafter = (
             build_drafter(
@@ -98,6 +102,8 @@ class LLM:
 
     # -- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer: give the prompt as token ids")
         if chat:
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}],
@@ -142,6 +148,8 @@ class LLM:
         seqs = []
         for prompt, p in zip(prompts, plist, strict=True):
             p.validate()
+            if p.stop and self.tokenizer is None:
+                raise ConfigError("`stop` strings need a tokenizer; this model has none")
             ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
             self.check_prompt(ids, p)
             seqs.append(self.engine.add_request(ids, p))

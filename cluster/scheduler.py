@@ -93,8 +93,7 @@ class Scheduler:
         out = ScheduledBatch()
         while self.running and not self._fits(self.running):
             victim = self.running.pop()
-            victim.target_len = victim.draft_len = 0
-            victim.pending_hidden = None
+            # NOTE: the caller frees the victim's KV in both groups, then resets its cursors.
             victim.status = SeqStatus.WAITING
             self.waiting.appendleft(victim)
             out.preempted.append(victim)

@@ -166,6 +166,15 @@ def load_model(
     return model.eval(), config
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(model_cfg: ModelConfig) -> bool:
+    """Whether the model (or ``model_cfg.tokenizer``) ships a tokenizer; GGUF files always do."""
+    path = resolve_model_path(model_cfg.tokenizer or model_cfg.path)
+    return _is_gguf(path) or any((path / f).is_file() for f in _TOKENIZER_FILES)
+
+
 def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of ``model_cfg.tokenizer`` (or of the model), with its chat template."""
     path = resolve_model_path(model_cfg.tokenizer or model_cfg.path)
