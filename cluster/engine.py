@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Generator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from outrider.cluster.detokenizer import Detokenizer
 from outrider.cluster.scheduler import Scheduler
-from outrider.cluster.sequence import Sequence, SpecStats
+from outrider.cluster.sequence import SeqStatus, Sequence, SpecStats
 from outrider.workers.config import SamplingParams
 from outrider.workers.proposers.base import (
     DrafterCapabilities,
@@ -29,6 +30,8 @@ from outrider.workers.protocol import Delta
 from outrider.workers.verifier import VerifyItem, VerifyResult
 
 logger = logging.getLogger(__name__)
+
+Call = tuple[str, tuple[Any, ...]]
 
 
 class Target(Protocol):
@@ -78,6 +81,7 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self._aborted: list[Sequence] = []
         caps = drafter.capabilities if drafter is not None else None
         self.mode: DraftMode = "parallel" if caps and caps.parallel_drafting else "sequential"
         self.needs_hidden = bool(caps and caps.needs_target_hidden_states)
@@ -91,21 +95,21 @@ class EngineCore:
         return seq
 
     def abort(self, seq: Sequence) -> None:
+        """Drop a request; its KV is freed at the start of the next round."""
+        if seq.is_finished:
+            return
         self.scheduler.remove(seq)
-        self._release([seq])
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = "abort"
+        self._aborted.append(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._aborted)
 
-    def _release(self, seqs: Seq[Sequence]) -> None:
-        ids = [s.seq_id for s in seqs if s.target_len > 0 or s.draft_len > 0]
-        if not ids:
-            return
-        self.target.release(ids)
-        if self.drafter is not None:
-            self.drafter.release(ids)
+    def _release_ids(self, seqs: Seq[Sequence]) -> list[int]:
+        return [s.seq_id for s in seqs if s.target_len > 0 or s.draft_len > 0]
 
-    # -- one round --------------------------------------------------------------------------
+    # -- one round ----------------------------------------------------------------------------
     def _num_draft(self, seq: Sequence) -> int:
         if self.k == 0 or seq.target_len == 0:
             return 0
@@ -113,8 +117,7 @@ class EngineCore:
         room_len = self.max_model_len - len(seq.token_ids) - 1
         return max(0, min(self.k, room_tokens, room_len))
 
-    def _propose(self, seqs: list[Sequence], ks: list[int]) -> ProposeResult | None:
-        assert self.drafter is not None
+    def _propose_items(self, seqs: list[Sequence], ks: list[int]) -> list[ProposeItem]:
         items = []
         for seq, k in zip(seqs, ks, strict=True):
             delta = Delta(seq.seq_id, seq.draft_len, seq.token_ids[seq.draft_len :])
@@ -124,38 +127,42 @@ class EngineCore:
                 assert isinstance(parts, list)
                 hidden = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
             items.append(ProposeItem(delta, k, hidden, seq.params if seq.draft_len == 0 else None))
-        result = self.drafter.propose(items, self.mode)
-        for seq in seqs:
-            seq.draft_len = len(seq.token_ids)
-            seq.pending_hidden = None
-        return result
+        return items
 
-    def step(self) -> list[StepOutput]:
+    def round(self) -> Generator[Call, Any, list[StepOutput]]:
+        """One round as a coroutine of calls: yields ("release" | "propose" | "verify", args)
+        and receives each call's result, so sync and async drivers share this logic."""
         batch = self.scheduler.schedule()
+        dropped = [*self._aborted, *batch.preempted]
+        self._aborted = []
         if batch.preempted:
             self.stats.num_preemptions += len(batch.preempted)
-            self._release(batch.preempted)
-            for seq in batch.preempted:
-                seq.target_len = seq.draft_len = 0
-                seq.pending_hidden = None
+        ids = self._release_ids(dropped)
+        if ids:
+            yield ("release", (ids,))
+        for seq in dropped:
+            seq.target_len = seq.draft_len = 0
+            seq.pending_hidden = None
         seqs = batch.seqs
         if not seqs:
             return []
         ks = [self._num_draft(s) for s in seqs]
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[torch.Tensor | None] = [None for _ in seqs]
-        if self.drafter is not None:
-            # NOTE: a sequence whose prefill finished proposes too (k may be 0): the drafter
-            # must ingest every confirmed token to stay in step with the target.
-            idx = [i for i, s in enumerate(seqs) if s.target_len > 0]
-            if idx:
-                res = self._propose([seqs[i] for i in idx], [ks[i] for i in idx])
-                assert res is not None
-                for j, i in enumerate(idx):
-                    drafts[i] = res.draft_token_ids[j][: ks[i]]
-                    if res.draft_probs:
-                        probs[i] = res.draft_probs[j]
-        items = [
+        # NOTE: a sequence whose prefill finished proposes too (k may be 0): the drafter must
+        # ingest every confirmed token to stay in step with the target.
+        idx = [i for i, s in enumerate(seqs) if s.target_len > 0] if self.drafter else []
+        if idx:
+            items = self._propose_items([seqs[i] for i in idx], [ks[i] for i in idx])
+            res: ProposeResult = yield ("propose", (items, self.mode))
+            for seq in (seqs[i] for i in idx):
+                seq.draft_len = len(seq.token_ids)
+                seq.pending_hidden = None
+            for j, i in enumerate(idx):
+                drafts[i] = res.draft_token_ids[j][: ks[i]]
+                if res.draft_probs:
+                    probs[i] = res.draft_probs[j]
+        items_v = [
             VerifyItem(
                 Delta(s.seq_id, s.target_len, s.token_ids[s.target_len :]),
                 drafts[i],
@@ -164,13 +171,39 @@ class EngineCore:
             )
             for i, s in enumerate(seqs)
         ]
-        result = self.target.verify(items)
+        result: VerifyResult = yield ("verify", (items_v,))
         self.stats.num_rounds += 1
-        return self._apply(seqs, items, result)
+        outputs, finished = self._apply(seqs, items_v, result)
+        ids = self._release_ids(finished)
+        if ids:
+            yield ("release", (ids,))
+        return outputs
+
+    def _call(self, call: Call) -> Any:
+        kind, args = call
+        if kind == "verify":
+            return self.target.verify(*args)
+        if kind == "propose":
+            assert self.drafter is not None
+            return self.drafter.propose(*args)
+        self.target.release(*args)
+        if self.drafter is not None:
+            self.drafter.release(*args)
+        return None
+
+    def step(self) -> list[StepOutput]:
+        """Run one round, calling the target and drafter directly."""
+        gen = self.round()
+        try:
+            call = next(gen)
+            while True:
+                call = gen.send(self._call(call))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
     def _apply(
         self, seqs: list[Sequence], items: list[VerifyItem], result: VerifyResult
-    ) -> list[StepOutput]:
+    ) -> tuple[list[StepOutput], list[Sequence]]:
         outputs: list[StepOutput] = []
         finished: list[Sequence] = []
         row = 0
@@ -197,5 +230,4 @@ class EngineCore:
             outputs.append(StepOutput(seq, new[:kept], seq.text[text_before:], seq.is_finished))
         for seq in finished:
             self.scheduler.remove(seq)
-        self._release(finished)
-        return outputs
+        return outputs, finished

@@ -120,7 +120,11 @@ def build_drafter(
         from outrider.workers.proposers.eagle3 import Eagle3Proposer
 
         return Eagle3Proposer(
-            spec, wcfg, target_vocab_size=target_vocab_size, target_num_layers=target_num_layers
+            spec,
+            wcfg,
+            target_vocab_size=target_vocab_size,
+            target_num_layers=target_num_layers,
+            target_model=target.model,
         )
     if spec.method == "dflash":
         from outrider.workers.proposers.dflash import DFlashProposer
