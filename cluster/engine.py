@@ -52,6 +52,7 @@ class StepOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
+    spec: tuple[int, int] | None = None  # (num_draft, num_accepted) when the round drafted
 
 
 @dataclass
@@ -106,8 +107,11 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
 
-    def _release_ids(self, seqs: Seq[Sequence]) -> list[int]:
-        return [s.seq_id for s in seqs if s.target_len > 0 or s.draft_len > 0]
+    @staticmethod
+    def _release_ids(seqs: Seq[Sequence]) -> list[int]:
+        # NOTE: released unconditionally: a request aborted mid-prefill holds KV before its
+        # cursors move, and releasing an unknown sequence is a no-op on the workers.
+        return [s.seq_id for s in seqs]
 
     # -- one round ----------------------------------------------------------------------------
     def _num_draft(self, seq: Sequence) -> int:
@@ -191,6 +195,16 @@ class EngineCore:
             self.drafter.release(*args)
         return None
 
+    @staticmethod
+    def _emit_text(seq: Sequence) -> str:
+        """Text that is final: while a stop string could still complete, its possible prefix
+        (up to len(longest stop) - 1 characters) is held back from streaming."""
+        hold = 0 if seq.is_finished or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+        end = max(seq.text_emitted, len(seq.text) - hold)
+        out = seq.text[seq.text_emitted : end]
+        seq.text_emitted = end
+        return out
+
     def step(self) -> list[StepOutput]:
         """Run one round, calling the target and drafter directly."""
         gen = self.round()
@@ -210,6 +224,11 @@ class EngineCore:
         for i, seq in enumerate(seqs):
             item = items[i]
             n_acc = result.num_accepted[i]
+            if seq.finish_reason == "abort":
+                # NOTE: aborted mid-round: its KV is released with the aborted batch.
+                if result.hidden_states is not None and self.needs_hidden:
+                    row += result.hidden_rows[i]
+                continue
             seq.stats.record(len(item.draft_token_ids), n_acc)
             self.stats.spec.record(len(item.draft_token_ids), n_acc)
             seq.target_len += len(item.delta.token_ids) + n_acc
@@ -220,14 +239,23 @@ class EngineCore:
                 pending = seq.pending_hidden or []
                 assert isinstance(pending, list)
                 seq.pending_hidden = [*pending, part]
-            text_before = len(seq.text)
             new = result.output_token_ids[i]
             kept = self.detok.append(seq, new)
             if seq.is_finished:
                 self.detok.flush(seq)
                 finished.append(seq)
+            new_text = self._emit_text(seq)
             self.stats.num_generated_tokens += kept
-            outputs.append(StepOutput(seq, new[:kept], seq.text[text_before:], seq.is_finished))
+            n_draft = len(item.draft_token_ids)
+            outputs.append(
+                StepOutput(
+                    seq,
+                    new[:kept],
+                    new_text,
+                    seq.is_finished,
+                    (n_draft, n_acc) if n_draft else None,
+                )
+            )
         for seq in finished:
             self.scheduler.remove(seq)
         return outputs, finished

@@ -6,14 +6,17 @@ Target and drafter live in this process and the round loop calls them directly. 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from outrider.cluster.async_engine import AsyncEngine
 from outrider.cluster.config import OutriderConfig
 from outrider.cluster.detokenizer import Detokenizer
-from outrider.cluster.engine import EngineCore
+from outrider.cluster.engine import Call, EngineCore
 from outrider.cluster.scheduler import KVBudget, Scheduler
 from outrider.cluster.sequence import SpecStats
 from outrider.workers.config import ConfigError, SamplingParams
@@ -21,6 +24,8 @@ from outrider.workers.models.loader import has_tokenizer, load_tokenizer
 from outrider.workers.proposers.factory import build_drafter, resolve_speculative
 from outrider.workers.runner import ModelRunner
 from outrider.workers.verifier import Verifier
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 @dataclass
@@ -34,6 +39,13 @@ class RequestOutput:
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+
+def default_model_name(config: OutriderConfig) -> str:
+    path = config.target.model.path
+    if path is None:
+        return EMBEDDED_MODEL_NAME
+    return Path(path).name.removesuffix(".gguf") or str(path)
 
 
 def eos_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
@@ -161,6 +173,23 @@ class LLM:
             )
             for s in seqs
         ]
+
+    def async_engine(self, **kwargs: Any) -> AsyncEngine:
+        """An AsyncEngine over this process's workers (calls run in a worker thread)."""
+        core = self.engine
+
+        async def call(c: Call) -> Any:
+            return await asyncio.to_thread(core._call, c)
+
+        def kv_usage() -> float:
+            return self.runner.kv.num_used_blocks / max(self.runner.num_blocks, 1)
+
+        name = kwargs.pop("model_name", None) or self.model_name
+        return AsyncEngine(core, call, model_name=name, kv_usage=kv_usage, **kwargs)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.server.served_model_name or default_model_name(self.config)
 
     def timed_generate(self, *args: Any, **kwargs: Any) -> tuple[list[RequestOutput], float]:
         t0 = time.perf_counter()

@@ -76,6 +76,7 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     stop_checked_len: int = 0
+    text_emitted: int = 0  # characters of text already handed out as stream deltas
 
     def __post_init__(self) -> None:
         if not self.token_ids:
