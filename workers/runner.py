@@ -18,10 +18,12 @@ from torch import nn
 from outrider.kernels import registry
 from outrider.kernels.attention.metadata import AttentionMetadata
 from outrider.workers.config import ConfigError, WorkerConfig
+from outrider.workers.distributed import get_pp_group
 from outrider.workers.forward_context import ForwardContext, forward_context
 from outrider.workers.kv_cache import KVCacheManager, allocate_kv_caches, kv_bytes_per_block
 from outrider.workers.models.base import IntermediateTensors, ModelOutput
 from outrider.workers.models.loader import load_model
+from outrider.workers.pipeline import broadcast_from_last, recv_stage_input, send_stage_output
 from outrider.workers.protocol import Delta
 
 logger = logging.getLogger(__name__)
@@ -243,9 +245,15 @@ class ModelRunner:
         *,
         aux_layer_ids: tuple[int, ...] = (),
         intermediate: IntermediateTensors | None = None,
+        **model_kwargs: Any,
     ) -> ModelOutput:
         ctx = ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)
+        pp = get_pp_group()
+        if pp.size > 1 and not model_kwargs:
+            return self._forward_pipelined(batch, aux_layer_ids, ctx)
         with forward_context(ctx):
+            if model_kwargs:
+                return self.model(batch.input_ids, batch.positions, **model_kwargs)
             return self.model(
                 batch.input_ids,
                 batch.positions,
@@ -253,9 +261,50 @@ class ModelRunner:
                 aux_layer_ids=aux_layer_ids,
             )
 
+    def _forward_pipelined(
+        self, batch: PreparedBatch, aux_layer_ids: tuple[int, ...], ctx: ForwardContext
+    ) -> ModelOutput:
+        """Receive from the previous stage, run this stage, send on; then every stage gets the
+        last stage's final hidden states and aux states (SPMD: all ranks see one result)."""
+        pp = get_pp_group()
+        t = int(batch.input_ids.shape[0])
+        h = int(self.hf_config.hidden_size)
+        ids = sorted(set(aux_layer_ids))
+        intermediate, aux = None, {}
+        if pp.rank > 0:
+            before = [i for i in ids if i < self.start_layer]
+            intermediate, aux = recv_stage_input(pp, t, h, self.dtype, self.device, before)
+        with forward_context(ctx):
+            out = self.model(
+                batch.input_ids,
+                batch.positions,
+                intermediate=intermediate,
+                aux_layer_ids=aux_layer_ids,
+            )
+        aux.update(out.aux_hidden_states)
+        if pp.rank < pp.size - 1:
+            send_stage_output(pp, out, aux, [i for i in ids if i < self.end_layer])
+        final = out.hidden_states
+        if final is None:
+            final = torch.empty(t, h, dtype=self.dtype, device=self.device)
+        broadcast_from_last(pp, final)
+        for i in ids:
+            if i not in aux:
+                aux[i] = torch.empty(t, h, dtype=self.dtype, device=self.device)
+            broadcast_from_last(pp, aux[i])
+        return ModelOutput(final, None, aux)
+
     @torch.inference_mode()
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden_states)
+        pp = get_pp_group()
+        if pp.size == 1:
+            return self.model.compute_logits(hidden_states)
+        if pp.rank == pp.size - 1:
+            logits = self.model.compute_logits(hidden_states).contiguous()
+        else:
+            n, v = int(hidden_states.shape[0]), int(self.hf_config.vocab_size)
+            logits = torch.empty(n, v, dtype=self.dtype, device=self.device)
+        return broadcast_from_last(pp, logits)
 
     def release(self, seq_ids: Sequence[int]) -> None:
         for seq_id in seq_ids:

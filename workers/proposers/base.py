@@ -13,23 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import msgspec
 import torch
 
 from outrider.workers.config import SamplingParams
-from outrider.workers.protocol import Delta
+from outrider.workers.protocol import Delta, DrafterCapabilities
 
 DraftMode = Literal["parallel", "sequential"]
-
-
-class DrafterCapabilities(msgspec.Struct, frozen=True, omit_defaults=True):
-    method: str
-    parallel_drafting: bool
-    needs_target_hidden_states: bool = False
-    aux_layer_ids: tuple[int, ...] = ()
-    max_k: int = 32
-    # Why a method that could draft in parallel does not on this worker; None when it does.
-    fallback_reason: str | None = None
 
 
 @dataclass
