@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="outrider", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_generate(sub)
+    from outrider.cluster.serve import add_serve_parser
+
+    add_serve_parser(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return parser

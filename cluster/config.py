@@ -85,6 +85,7 @@ class OutriderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
         self.target.model.validate("target.model")
         self.target.parallel.validate("target.parallel")
         self.target.cache.validate("target.cache")
+        self.target.pool.validate("target.pool")
         if self.speculative is not None:
             self.speculative.validate("speculative")
         self.scheduler.validate()

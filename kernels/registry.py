@@ -160,16 +160,17 @@ def _register_builtins() -> None:
             requires=("flashinfer",),
         )
     )
-    register(
-        BackendSpec(
-            "moe",
-            "torch",
-            "outrider.kernels.moe.torch_ref",
-            "BACKEND",
-            cpu_cuda,
-            quantizations=("none", "fp8"),
+    for name, attr in (("torch", "BACKEND"), ("torch_loop", "LOOP_BACKEND")):
+        register(
+            BackendSpec(
+                "moe",
+                name,
+                "outrider.kernels.moe.torch_ref",
+                attr,
+                cpu_cuda,
+                quantizations=("none", "fp8"),
+            )
         )
-    )
     register(
         BackendSpec(
             "moe",

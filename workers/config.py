@@ -13,7 +13,7 @@ import msgspec
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 AttentionBackendName = Literal["auto", "torch", "triton", "flashinfer"]
-MoeBackendName = Literal["auto", "torch", "triton", "flashinfer_cutlass"]
+MoeBackendName = Literal["auto", "torch", "torch_loop", "triton", "flashinfer_cutlass"]
 Quantization = Literal["none", "fp8"]
 
 
@@ -97,6 +97,23 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
             raise ConfigError(f"`seed` must fit in 64 bits, got {self.seed}")
 
 
+class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The device pool a worker group is placed on: each worker takes one bundle of these."""
+
+    # NOTE: a Ray custom resource advertised by the pool's nodes (e.g. target_gpu); one unit
+    # per worker. None places the group anywhere with free devices.
+    resource: str | None = None
+    # NOTE: None = one GPU per worker when the cluster has GPUs, else none.
+    num_gpus: int | None = None
+    num_cpus: float = 1.0
+
+    def validate(self, where: str = "pool") -> None:
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ConfigError(f"`{where}.num_gpus` must be >= 0, got {self.num_gpus}")
+        if self.num_cpus < 0:
+            raise ConfigError(f"`{where}.num_cpus` must be >= 0, got {self.num_cpus}")
+
+
 class WorkerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Everything one worker group needs to build its model runner."""
 
@@ -104,4 +121,5 @@ class WorkerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     parallel: ParallelConfig = ParallelConfig()
     kernels: KernelConfig = KernelConfig()
     cache: CacheConfig = CacheConfig()
+    pool: PoolConfig = PoolConfig()
     device: str = "auto"

@@ -18,6 +18,7 @@ from outrider.workers.config import (
     ConfigError,
     Dtype,
     MoeBackendName,
+    PoolConfig,
     Quantization,
 )
 
@@ -49,6 +50,7 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
     draft_sampling: bool = False
     max_model_len: int | None = None
     cache: CacheConfig = CacheConfig()
+    pool: PoolConfig = PoolConfig()
     device: str = "auto"
 
     def validate(self, where: str = "speculative") -> None:
@@ -74,6 +76,7 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
             if value < 1:
                 raise ConfigError(f"`{where}.{name}` must be >= 1, got {value}")
         self.cache.validate(f"{where}.cache")
+        self.pool.validate(f"{where}.pool")
 
     @property
     def lookup_min(self) -> int:

@@ -118,3 +118,22 @@ class TorchMoeBackend:
 
 
 BACKEND = TorchMoeBackend()
+
+
+class TorchLoopMoeBackend(TorchMoeBackend):
+    """The per-expert reference loop as a selectable backend (for checking and debugging)."""
+
+    name = "torch_loop"
+
+    @staticmethod
+    def fused_moe(
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        return moe_reference(x, w13, w2, topk_weights, topk_ids)
+
+
+LOOP_BACKEND = TorchLoopMoeBackend()
