@@ -43,8 +43,8 @@ from outrider.workers.speculators import SpeculatorsCheckpoint
 logger = logging.getLogger(__name__)
 
 SUPPORTED_LAYER_TYPES = ("llama", "qwen3")
-# NOTE: training-only tensors and the target->draft mask, which inference never uses.
-_IGNORED = ("t2d", "verifier_lm_head.weight", "verifier_norm.weight")
+# NOTE: the target->draft mask and training-only ``verifier_*`` tensors; inference needs neither.
+_IGNORED_PREFIXES = ("t2d", "verifier_")
 
 SharedReader = Callable[[Sequence[SharedTensor]], dict[SharedTensor, torch.Tensor]]
 
@@ -111,7 +111,7 @@ class Eagle3FirstLayer(nn.Module):
         e = self.input_layernorm(embeds)  # [T, H]
         x = self.hidden_norm(hidden_states)  # [T, H]
         residual = x if self.norm_before_residual else hidden_states
-        attn = self.self_attn(positions, torch.cat([x, e], dim=-1))  # [T, H]
+        attn = self.self_attn(positions, torch.cat([e, x], dim=-1))  # [T, H]
         h, residual = self.post_attention_layernorm(attn, residual)
         return self.mlp(h), residual
 
@@ -205,7 +205,7 @@ class Eagle3DraftModel(nn.Module):
             name = ckpt_name
             if name.startswith("midlayer."):
                 name = "layers.0." + name.removeprefix("midlayer.")
-            if name in _IGNORED or "rotary_emb.inv_freq" in name:
+            if name.startswith(_IGNORED_PREFIXES) or "rotary_emb.inv_freq" in name:
                 continue
             if name == "d2t":
                 d2t = weight

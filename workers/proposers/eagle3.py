@@ -89,7 +89,6 @@ class Eagle3Proposer(Proposer):
                 f"({ckpt.target_vocab_size}) differs from the target's vocabulary "
                 f"({target_vocab_size})"
             )
-        self.k = spec.num_speculative_tokens or ckpt.num_speculative_tokens
         self.aux_layer_ids = ckpt.resolved_aux_layer_ids(target_num_layers)
         wants = ckpt.parallel_drafting if spec.parallel_drafting is None else spec.parallel_drafting
         if wants and ckpt.mask_token_id is None:
