@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="outrider", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_generate(sub)
+    import outrider.cluster.bench  # noqa: F401
     from outrider.cluster.serve import add_serve_parser
 
     add_serve_parser(sub)
