@@ -68,8 +68,9 @@ def _check_dir(path: Path) -> None:
         raise ModelLoadError(f"model directory has no config.json: {path}")
 
 
-def load_hf_config(path: str | Path) -> PretrainedConfig:
-    path = Path(path)
+def load_hf_config(path: str | Path | None) -> PretrainedConfig:
+    """The model's config; ``None`` is the embedded default."""
+    path = resolve_model_path(None if path is None else str(path))
     if _is_gguf(path):
         return gguf_config(open_gguf(path), path)
     _check_dir(path)
