@@ -91,9 +91,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.warning("received signal %d, shutting down", signum)
         stop.set()
 
+    started = start_ray()
+    # NOTE: installed after ray.init, which replaces the process's SIGTERM handler.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    started = start_ray()
     try:
         run_app(cfg, args.num_replicas)
         print(
