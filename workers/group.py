@@ -50,7 +50,10 @@ class WorkerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.name = name
+        # NOTE: Ray actor names are unique per namespace; every group (one per Serve replica and
+        # role) gets a fresh suffix.
+        self.name = f"{name}-{secrets.token_hex(4)}"
+        name = self.name
         self.init_spec = init
         self.token = token or secrets.token_hex(16)
         world = init.tensor_parallel_size * init.pipeline_parallel_size
