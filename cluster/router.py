@@ -174,6 +174,7 @@ class Router:
             model_name=name,
             max_queued_requests=cfg.server.max_queued_requests,
             log_interval_s=cfg.server.log_interval_s,
+            kv_usage=scheduler.kv_usage,
         )
 
     async def _call(self, call: Call) -> Any:
@@ -233,6 +234,17 @@ def _table(group: WorkerGroup | None) -> dict[str, Any]:
     }
 
 
+def _log_to_stderr() -> None:
+    """The replica's periodic engine line (logger ``outrider``) goes to stderr at INFO."""
+    log = logging.getLogger("outrider")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def build_router_deployment(config: OutriderConfig, *, num_replicas: int = 1) -> Any:
     """The Serve application: one router deployment whose ASGI app is the OpenAI ingress."""
     from ray import serve
@@ -242,6 +254,7 @@ def build_router_deployment(config: OutriderConfig, *, num_replicas: int = 1) ->
     @serve.ingress()
     class OutriderRouter:
         async def __init__(self, config_data: dict[str, Any]) -> None:
+            _log_to_stderr()
             self.router = Router(load_config(None, config_data))
             await self.router.start()
 

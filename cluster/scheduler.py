@@ -86,6 +86,11 @@ class Scheduler:
     def _reserved(self, budget: KVBudget, seqs: list[Sequence]) -> int:
         return sum(budget.blocks_for(len(s.token_ids) + self.lookahead) for s in seqs)
 
+    def kv_usage(self) -> float:
+        """Reserved fraction of the first (target) group's KV blocks."""
+        b = self.budgets[0]
+        return self._reserved(b, self.running) / max(b.num_blocks, 1)
+
     def _fits(self, seqs: list[Sequence]) -> bool:
         return all(self._reserved(b, seqs) <= b.num_blocks for b in self.budgets)
 
