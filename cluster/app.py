@@ -30,7 +30,10 @@ class OutriderArgs(BaseModel):
         return load_config(None, self.as_config_dict())
 
 
-def app_builder(args: OutriderArgs) -> Any:
+def app_builder(args: OutriderArgs | dict[str, Any]) -> Any:
     from outrider.cluster.router import build_router_deployment
 
+    # NOTE: Serve sees this annotation as a string (postponed annotations) and passes a dict.
+    if not isinstance(args, OutriderArgs):
+        args = OutriderArgs.model_validate(args)
     return build_router_deployment(args.to_config())
