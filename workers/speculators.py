@@ -178,3 +178,21 @@ def load_speculators_config(path: str | Path) -> SpeculatorsCheckpoint:
         causal=causal,
         block_size=block_size,
     )
+
+
+def load_for_target(
+    model: str | None, method: str, target_vocab_size: int
+) -> SpeculatorsCheckpoint:
+    """A drafter's checkpoint, checked against the method that runs it and the target's vocab."""
+    if model is None:
+        raise ConfigError(f"`speculative.model` is required for method {method!r}")
+    ckpt = load_speculators_config(model)
+    if ckpt.method != method:
+        kinds = "eagle3/peagle" if method == "eagle3" else method
+        raise ConfigError(f"speculators checkpoint {ckpt.path} is {ckpt.model_type!r}, not {kinds}")
+    if ckpt.target_vocab_size != target_vocab_size:
+        raise ConfigError(
+            f"speculators checkpoint {ckpt.path}: transformer_layer_config.vocab_size "
+            f"({ckpt.target_vocab_size}) differs from the target's vocabulary ({target_vocab_size})"
+        )
+    return ckpt

@@ -11,7 +11,7 @@ are scattered into the target vocabulary through ``d2t`` offsets.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -26,7 +26,11 @@ from outrider.workers.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from outrider.workers.models.base import IntermediateTensors, ModelLoadError, ModelOutput
 from outrider.workers.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, head_dim_of
 from outrider.workers.models.loader import iterate_safetensors, safetensors_files
-from outrider.workers.models.target_tensors import SharedTensor
+from outrider.workers.models.target_tensors import (
+    SharedReader,
+    draft_to_target_ids,
+    load_shared_head,
+)
 from outrider.workers.models.weight_mapping import load_routed, route, unexpected
 from outrider.workers.speculators import SpeculatorsCheckpoint
 
@@ -34,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 # NOTE: t2d (target -> draft membership) is never needed at inference time.
 _IGNORED = ("t2d", "verifier_lm_head.weight", "verifier_norm.weight")
-
-SharedReader = Callable[[Sequence[SharedTensor]], dict[SharedTensor, torch.Tensor]]
 
 
 def dflash_layer_config(layer_config: dict[str, Any]) -> PretrainedConfig:
@@ -177,48 +179,20 @@ class DFlashDraftModel(nn.Module):
     def _load_shared(
         self, loaded: set[str], params: dict[str, nn.Parameter], shared: SharedReader | None
     ) -> None:
-        need: list[SharedTensor] = []
-        if "embed_tokens.weight" not in loaded:
-            need.append("embed_tokens")
-        if "lm_head.weight" not in loaded:
-            vd, vt = self.draft_vocab_size, self.vocab_size
-            if vd != vt:
-                raise ValueError(
-                    f"the checkpoint has no lm_head.weight and draft_vocab_size ({vd}) differs "
-                    f"from vocab_size ({vt}), so the target's head cannot be shared"
-                )
-            need.append("lm_head")
-        if not need:
-            return
-        if shared is None:
-            raise ValueError(
-                f"the checkpoint has no {', '.join(n + '.weight' for n in need)} and no target "
-                "model was given to share it from"
-            )
-        for name, tensor in shared(need).items():
-            param = f"{name}.weight"
-            try:
-                load_routed(params, route(param), tensor)
-            except ValueError as e:
-                raise ValueError(f"the target's {name} cannot be shared: {e}") from None
-            loaded.add(param)
+        load_shared_head(
+            params,
+            loaded,
+            shared,
+            draft_vocab_size=self.draft_vocab_size,
+            vocab_size=self.vocab_size,
+        )
 
     def _set_vocab_map(self, d2t: torch.Tensor | None) -> None:
-        vd, vt = self.draft_vocab_size, self.vocab_size
-        if vd == vt:
-            # NOTE: as in speculators, a mapping given for a full vocabulary is ignored.
-            return
-        if d2t is None:
-            raise ValueError(
-                f"draft_vocab_size ({vd}) differs from vocab_size ({vt}) but the checkpoint "
-                "has no d2t tensor"
-            )
-        if tuple(d2t.shape) != (vd,):
-            raise ValueError(f"d2t has shape {tuple(d2t.shape)}, expected ({vd},)")
-        ids = torch.arange(vd, dtype=torch.int64) + d2t.to(torch.int64).cpu()  # [Vd]
-        if int(ids.min()) < 0 or int(ids.max()) >= vt or ids.unique().numel() != vd:
-            raise ValueError(f"d2t does not map the draft vocabulary into [0, {vt}) one-to-one")
-        self.draft_to_target = ids.to(self.lm_head.weight.device)
+        ids = draft_to_target_ids(
+            d2t, draft_vocab_size=self.draft_vocab_size, vocab_size=self.vocab_size
+        )
+        if ids is not None:
+            self.draft_to_target = ids.to(self.lm_head.weight.device)
 
 
 def _sliding_window_note(config: PretrainedConfig, max_len: int) -> None:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from outrider.workers.config import ConfigError, ModelConfig, WorkerConfig
-from outrider.workers.models.dflash import DFlashDraftModel, SharedReader, load_dflash_model
-from outrider.workers.models.target_tensors import SharedTensor, read_target_tensors
+from outrider.workers.config import ModelConfig, WorkerConfig
+from outrider.workers.models.dflash import DFlashDraftModel, load_dflash_model
+from outrider.workers.models.target_tensors import shared_reader
 from outrider.workers.proposers.base import (
     DrafterCapabilities,
     DraftMode,
@@ -34,29 +33,11 @@ from outrider.workers.proposers.drafting import DraftSampler
 from outrider.workers.protocol import Delta
 from outrider.workers.runner import ModelRunner
 from outrider.workers.spec_config import SpeculativeConfig
-from outrider.workers.speculators import SpeculatorsCheckpoint, load_speculators_config
+from outrider.workers.speculators import load_for_target
 
 logger = logging.getLogger(__name__)
 
 MAX_K = 32
-
-
-def _shared_reader(
-    ckpt: SpeculatorsCheckpoint, target_model: ModelConfig | None
-) -> SharedReader | None:
-    """Reads the target's embed/lm_head: from ``target_model``, else a local verifier path."""
-    if target_model is not None:
-        path = target_model.path
-    else:
-        name = ckpt.verifier_name_or_path
-        if not name or not Path(name).expanduser().exists():
-            return None
-        path = name
-
-    def read(names: Sequence[SharedTensor]) -> dict[SharedTensor, torch.Tensor]:
-        return read_target_tensors(path, names)
-
-    return read
 
 
 def parallel_blocker(runner: ModelRunner, causal: bool) -> str | None:
@@ -81,26 +62,18 @@ class DFlashProposer(Proposer):
         target_num_layers: int,
         target_model: ModelConfig | None = None,
     ) -> None:
-        if spec.model is None:
-            raise ConfigError("`speculative.model` is required for method 'dflash'")
         self.spec = spec
-        self.ckpt = ckpt = load_speculators_config(spec.model)
-        if ckpt.method != "dflash":
-            raise ConfigError(
-                f"speculators checkpoint {ckpt.path} is {ckpt.model_type!r}, not dflash"
-            )
-        if ckpt.target_vocab_size != target_vocab_size:
-            raise ConfigError(
-                f"speculators checkpoint {ckpt.path}: transformer_layer_config.vocab_size "
-                f"({ckpt.target_vocab_size}) differs from the target's vocabulary "
-                f"({target_vocab_size})"
-            )
+        self.ckpt = ckpt = load_for_target(spec.model, "dflash", target_vocab_size)
         assert ckpt.mask_token_id is not None
         self.mask_token_id: int = ckpt.mask_token_id
         self.k = spec.num_speculative_tokens or ckpt.num_speculative_tokens
         self.aux_layer_ids = ckpt.resolved_aux_layer_ids(target_num_layers)
         self.causal = ckpt.causal
-        shared = _shared_reader(ckpt, target_model)
+        shared = shared_reader(
+            target_model.path if target_model is not None else None,
+            fallback=ckpt.verifier_name_or_path,
+            use_target=target_model is not None,
+        )
 
         def build(device: torch.device, dtype: torch.dtype, moe_backend: str) -> tuple[Any, Any]:
             return load_dflash_model(

@@ -22,8 +22,8 @@ import torch
 
 from outrider.workers.config import ConfigError, ModelConfig, WorkerConfig
 from outrider.workers.forward_context import ForwardContext, forward_context
-from outrider.workers.models.eagle3 import Eagle3DraftModel, SharedReader, load_eagle3_model
-from outrider.workers.models.target_tensors import SharedTensor, read_target_tensors
+from outrider.workers.models.eagle3 import Eagle3DraftModel, load_eagle3_model
+from outrider.workers.models.target_tensors import shared_reader
 from outrider.workers.proposers.base import (
     DrafterCapabilities,
     DraftMode,
@@ -35,22 +35,11 @@ from outrider.workers.proposers.drafting import DraftSampler
 from outrider.workers.protocol import Delta
 from outrider.workers.runner import ModelRunner, PreparedBatch
 from outrider.workers.spec_config import SpeculativeConfig
-from outrider.workers.speculators import load_speculators_config
+from outrider.workers.speculators import load_for_target
 
 logger = logging.getLogger(__name__)
 
 MAX_K = 32
-
-
-def _shared_reader(target_model: ModelConfig | None) -> SharedReader | None:
-    if target_model is None:
-        return None
-    path = target_model.path
-
-    def read(names: Sequence[SharedTensor]) -> dict[SharedTensor, torch.Tensor]:
-        return read_target_tensors(path, names)
-
-    return read
 
 
 def parallel_blocker(runner: ModelRunner) -> str | None:
@@ -75,20 +64,8 @@ class Eagle3Proposer(Proposer):
         target_num_layers: int,
         target_model: ModelConfig | None = None,
     ) -> None:
-        if spec.model is None:
-            raise ConfigError("`speculative.model` is required for method 'eagle3'")
         self.spec = spec
-        self.ckpt = ckpt = load_speculators_config(spec.model)
-        if ckpt.method != "eagle3":
-            raise ConfigError(
-                f"speculators checkpoint {ckpt.path} is {ckpt.model_type!r}, not eagle3/peagle"
-            )
-        if ckpt.target_vocab_size != target_vocab_size:
-            raise ConfigError(
-                f"speculators checkpoint {ckpt.path}: transformer_layer_config.vocab_size "
-                f"({ckpt.target_vocab_size}) differs from the target's vocabulary "
-                f"({target_vocab_size})"
-            )
+        self.ckpt = ckpt = load_for_target(spec.model, "eagle3", target_vocab_size)
         self.aux_layer_ids = ckpt.resolved_aux_layer_ids(target_num_layers)
         wants = ckpt.parallel_drafting if spec.parallel_drafting is None else spec.parallel_drafting
         if wants and ckpt.mask_token_id is None:
@@ -104,7 +81,10 @@ class Eagle3Proposer(Proposer):
                 num_aux=len(self.aux_layer_ids),
                 device=device,
                 dtype=dtype,
-                shared=_shared_reader(target_model),
+                shared=shared_reader(
+                    target_model.path if target_model is not None else None,
+                    use_target=target_model is not None,
+                ),
                 require_mask_hidden=wants,
             )
 

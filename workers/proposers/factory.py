@@ -130,7 +130,10 @@ def build_drafter(
         from outrider.workers.proposers.dflash import DFlashProposer
 
         return DFlashProposer(
-            spec, wcfg, target_vocab_size=target_vocab_size, target_num_layers=target_num_layers,
+            spec,
+            wcfg,
+            target_vocab_size=target_vocab_size,
+            target_num_layers=target_num_layers,
             target_model=target.model,
         )
     raise ConfigError(f"unknown speculative method {spec.method!r}")
