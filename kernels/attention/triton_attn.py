@@ -1,0 +1,504 @@
+"""Triton paged attention: the KV write and one kernel for prefill, decode, verify and the block.
+
+Two kernels do the work and a third finishes small batches:
+
+* ``_write_kv_kernel`` (reshape_and_cache): one program per new token copies its ``[nKV, hd]``
+  key and value rows to the flat cache slot ``slot_mapping[t]``; slots < 0 are skipped.
+* ``_paged_attn_kernel``: one program per (query tile, KV head, KV split). A tile holds
+  ``BLOCK_Q`` consecutive query tokens of one sequence times the ``GROUP = nH // nKV`` query
+  heads that share one KV head, so the matrix row ``r`` is (token ``r // GROUP``, head
+  ``r % GROUP``) and each key/value tile read from the cache serves every query head of the
+  group (decode and verify read the KV once per sequence and KV head, as a prefill tile does).
+  Softmax is online, in float32 and in the log2 domain. Causal rows see keys
+  ``<= seq_len - q_len + i``; the non-causal block (DFlash) sees all ``seq_len`` keys.
+* ``_reduce_splits_kernel``: when a batch is too small to fill the GPU (decode and verify at
+  small batch), the keys of each tile are split over ``num_splits`` programs that write
+  unnormalised partial outputs with their running max and sum (flash-decoding); this kernel
+  merges them.
+
+The grid depends only on host integers (T, B, nKV, ``md.max_query_len`` and a split count
+derived from the batch geometry and ``md.max_seq_len``); sequence boundaries are found inside
+the kernel by a binary search over ``query_start_loc`` (tile ``j`` of sequence ``b`` has global
+index ``query_start_loc[b] // BLOCK_Q + b + j``), and every key range is derived in the kernel
+from ``seq_lens``. Nothing in ``forward`` waits on the device. The split count is a performance
+choice only: any value gives the same function, so a CUDA graph captured at one context length
+stays correct at another; it is a run-time kernel argument, so a new count compiles nothing.
+
+Tiles (sm_90, from the compiler's report): decode BLOCK_M=16 / verify 32 or 64 rows with 64-key
+tiles, 4 warps, 3 stages (mma.sync at 16/32 rows, wgmma from 64; no spills); prefill
+BLOCK_M=128, 8 warps (wgmma). K/V tiles move as 16-byte cp.async copies, the block-table
+gather pipelined with them. float32 runs an exact ("ieee") dot on FMA units with 16x16 tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from outrider.kernels.attention.metadata import AttentionMetadata
+
+LOG2E = 1.4426950408889634
+# NOTE: decode/verify tiles are split over the keys until about this many programs per SM run.
+_PROGRAMS_PER_SM = 4
+_MAX_SPLITS = 32
+_MIN_KEYS_PER_SPLIT = 128
+
+
+# ---------------------------------------------------------------------------------------------
+# KV write
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    block_size,
+    NUM_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // block_size
+    off = slot % block_size
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < NUM_KV) & (d < HEAD_DIM)
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(
+        kc_ptr + blk * stride_kcb + off * stride_kcs + h * stride_kch + d,
+        k.to(kc_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        vc_ptr + blk * stride_vcb + off * stride_vcs + h * stride_vch + d,
+        v.to(vc_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+def write_kv(
+    k: torch.Tensor,  # [T, nKV, hd]
+    v: torch.Tensor,  # [T, nKV, hd]
+    k_cache: torch.Tensor,  # [N, bs, nKV, hd]
+    v_cache: torch.Tensor,  # [N, bs, nKV, hd]
+    slot_mapping: torch.Tensor,  # [T] int; < 0 = skip
+) -> None:
+    """Store new keys and values at their flat cache slots; slots < 0 are skipped."""
+    t = k.shape[0]
+    if t == 0:
+        return
+    n_kv, hd = k_cache.shape[-2:]
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the KV cache's last dimension must be contiguous")
+    slots = slot_mapping.to(k.device)
+    # NOTE: 8 KV heads x 128 = 1024 elements per token; 4 warps move one token in 2 passes.
+    width = triton.next_power_of_2(n_kv) * triton.next_power_of_2(hd)
+    _write_kv_kernel[(t,)](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slots,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        k_cache.shape[1],
+        NUM_KV=n_kv,
+        HEAD_DIM=hd,
+        BLOCK_H=triton.next_power_of_2(n_kv),
+        BLOCK_D=triton.next_power_of_2(hd),
+        num_warps=4 if width <= 2048 else 8,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _find_seq(qsl_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
+    """The sequence b whose tiles start at or before global tile index ``tile``."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = (tl.load(qsl_ptr + mid) // BLOCK_Q + mid).to(tl.int32)
+        if first <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attn_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    bt_ptr,
+    num_seqs,
+    num_heads,
+    num_splits,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    b = _find_seq(qsl_ptr, num_seqs, tile, BLOCK_Q)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
+    qb = tile - (q_start // BLOCK_Q + b).to(tl.int32)  # tile index inside the sequence
+    if qb * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    ctx_len = seq_len - q_len  # keys before the first query token
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = qb * BLOCK_Q + rows // GROUP  # [M] query token inside the sequence
+    head = kvh * GROUP + rows % GROUP  # [M] query head
+    row_ok = (rows // GROUP < BLOCK_Q) & (q_idx < q_len)
+    tok = q_start + q_idx.to(tl.int64)  # [M] packed token index
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [M, D]
+    q_pos = ctx_len + q_idx  # [M] absolute position of each row's token
+
+    if CAUSAL:
+        kv_end = tl.minimum(seq_len, ctx_len + tl.minimum(q_len, (qb + 1) * BLOCK_Q))
+    else:
+        kv_end = seq_len
+    if SPLIT:
+        tiles_per_split = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), num_splits)
+        lo = split * tiles_per_split * BLOCK_N
+        hi = tl.minimum(kv_end, lo + tiles_per_split * BLOCK_N)
+    else:
+        lo = 0
+        hi = kv_end
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)  # [N] key positions
+        n_ok = offs_n < hi
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        in_blk = (offs_n % BLOCK_SIZE).to(tl.int64)
+        k_off = blk * stride_kb + in_blk * stride_ks + kvh * stride_kh  # [N]
+        v_off = blk * stride_vb + in_blk * stride_vs + kvh * stride_vh  # [N]
+        kv_mask = n_ok[None, :] & d_ok[:, None]
+        k = tl.load(kc_ptr + k_off[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)  # [D, N]
+        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * scale_log2  # [M, N]
+        mask = row_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            mask = mask & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # NOTE: a row with no visible key yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            vc_ptr + v_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+        )  # [N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
+        m_i = m_new
+
+    if not SPLIT:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(
+            out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+    else:
+        base = (tok * num_heads + head) * num_splits + split  # [M]
+        tl.store(part_m_ptr + base, m_i, mask=row_ok)
+        tl.store(part_l_ptr + base, l_i, mask=row_ok)
+        tl.store(
+            part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None]
+        )
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    out_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    num_heads,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    base = (t * num_heads + h) * num_splits + offs_s  # [S]
+    m = tl.load(part_m_ptr + base, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + base, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # [S]; empty splits -> 0
+    acc = tl.load(
+        part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0
+    )
+    den = tl.sum(w * l_s, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(den == 0.0, 1.0, den)  # [D]
+    tl.store(
+        out_ptr + t * stride_ot + h * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the Triton interpreter on CPU: a few programs keep the tests quick
+
+
+def _tile_config(max_q: int, group: int, hd: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a batch whose longest query is max_q."""
+    rows = max_q * group
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+    block_m = max(block_m, triton.next_power_of_2(group))
+    block_d = triton.next_power_of_2(hd)
+    if dtype == torch.float32:
+        # NOTE: the float32 path (exact "ieee" dot, a test and CPU-parity path) runs on FMA
+        # units; small tiles keep it out of local memory (no spills at hd 128, sm_90).
+        return max(16, triton.next_power_of_2(group)), 16, 4, 2
+    block_n = 64 if block_d <= 128 else 32
+    num_warps = 8 if block_m >= 128 else 4
+    return block_m, block_n, num_warps, 3 if block_d <= 128 else 2
+
+
+def _num_splits(
+    device: torch.device, work_tiles: int, n_kv: int, max_seq_len: int, block_n: int
+) -> int:
+    target = _PROGRAMS_PER_SM * _sm_count(device)
+    have = max(work_tiles * n_kv, 1)
+    if have >= target:
+        return 1
+    by_len = triton.cdiv(max(max_seq_len, 1), max(_MIN_KEYS_PER_SPLIT, block_n))
+    return max(1, min(triton.cdiv(target, have), by_len, _MAX_SPLITS))
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, nH, hd]
+    k_cache: torch.Tensor,  # [N, bs, nKV, hd]
+    v_cache: torch.Tensor,  # [N, bs, nKV, hd]
+    md: AttentionMetadata,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,  # [T, nH, hd], written in full
+    num_splits: int | None = None,  # None: chosen from the batch geometry
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Attend packed queries over the paged cache (new K/V must already be written)."""
+    t, n_heads, hd = q.shape
+    n_kv = k_cache.shape[2]
+    b = md.num_seqs
+    if n_heads % n_kv:
+        raise ValueError(f"query heads ({n_heads}) must be a multiple of KV heads ({n_kv})")
+    if out is None:
+        out = torch.empty((t, n_heads, hd), dtype=q.dtype, device=q.device)
+    if t == 0 or b == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("q, the KV cache and out need a contiguous last dimension")
+    group = n_heads // n_kv
+    block_m, bn, nw, ns = _tile_config(max(md.max_query_len, 1), group, hd, q.dtype)
+    block_n = block_n or bn
+    num_warps = num_warps or nw
+    num_stages = num_stages or ns
+    block_q = block_m // group
+    block_d = triton.next_power_of_2(hd)
+    n_tiles = t // block_q + b
+    if num_splits is None:
+        one_tile_each = md.max_query_len <= block_q
+        num_splits = (
+            _num_splits(q.device, min(n_tiles, b), n_kv, md.max_seq_len, block_n)
+            if one_tile_each
+            else 1
+        )
+    dev = q.device
+    qsl = md.query_start_loc.to(dev)
+    seq_lens = md.seq_lens.to(dev)
+    tables = md.block_tables.to(dev)
+    if num_splits > 1:
+        # NOTE: the scratch lives in the metadata, so every layer of one forward reuses it.
+        state = md.backend_state.setdefault("triton", {})
+        key = ("splits", t, n_heads, num_splits, block_d, dev)
+        bufs = state.get(key)
+        if bufs is None:
+            bufs = (
+                torch.empty((t, n_heads, num_splits, block_d), dtype=torch.float32, device=dev),
+                torch.empty((t, n_heads, num_splits), dtype=torch.float32, device=dev),
+                torch.empty((t, n_heads, num_splits), dtype=torch.float32, device=dev),
+            )
+            state[key] = bufs
+        part_acc, part_m, part_l = bufs
+    else:
+        part_acc = part_m = part_l = out  # unused
+    _paged_attn_kernel[(n_tiles, n_kv, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        part_acc,
+        part_m,
+        part_l,
+        qsl,
+        seq_lens,
+        tables,
+        b,
+        n_heads,
+        num_splits,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        tables.stride(0),
+        BLOCK_SIZE=k_cache.shape[1],
+        GROUP=group,
+        HEAD_DIM=hd,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        SPLIT=num_splits > 1,
+        CAUSAL=bool(md.causal),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _reduce_splits_kernel[(t, n_heads)](
+            out,
+            part_acc,
+            part_m,
+            part_l,
+            n_heads,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=hd,
+            BLOCK_D=block_d,
+            SPLITS_P2=max(_MAX_SPLITS, triton.next_power_of_2(num_splits)),
+            num_warps=2 if block_d <= 64 else 4,
+        )
+    return out
+
+
+class TritonAttentionBackend:
+    """The ``triton`` attention backend: paged KV write plus paged attention, CUDA only."""
+
+    name = "triton"
+    supports_non_causal = True
+
+    @staticmethod
+    def write_kv(
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    @staticmethod
+    def forward(
+        q: torch.Tensor,  # [T, nH, hd]
+        k: torch.Tensor,  # [T, nKV, hd]
+        v: torch.Tensor,  # [T, nKV, hd]
+        k_cache: torch.Tensor,  # [N, bs, nKV, hd]
+        v_cache: torch.Tensor,  # [N, bs, nKV, hd]
+        md: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv(k, v, k_cache, v_cache, md.slot_mapping)
+        return paged_attention(q, k_cache, v_cache, md, scale)
+
+
+BACKEND = TritonAttentionBackend()
