@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import os
+
+if os.environ.get("OUTRIDER_TRITON_INTERPRET") == "1":
+    # NOTE: read by triton when it is imported (transformers imports it below); see tests/gpu.
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-import torch
-from transformers import (
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     LlamaConfig,
     MixtralConfig,

@@ -1,7 +1,7 @@
 """Triton rejection samplers against the torch reference: integer outputs must be identical.
 
 On the device machine: ``python -m pytest -m gpu tests/gpu -q`` (see tests/gpu/README.md).
-Without a GPU: ``OUTRIDER_TRITON_INTERPRET=1 python -m pytest --noconftest tests/gpu -q`` runs
+Without a GPU: ``OUTRIDER_TRITON_INTERPRET=1 python -m pytest tests/gpu -q`` runs
 the same checks at small shapes on CPU tensors through the Triton interpreter.
 """
 
@@ -10,36 +10,13 @@ from __future__ import annotations
 import os
 import zlib
 
-INTERPRET = os.environ.get("OUTRIDER_TRITON_INTERPRET") == "1"
-if INTERPRET:
-    # NOTE: must be set before the kernels are decorated, i.e. before their module is imported.
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
-
-def _patch_interpreter_index() -> None:
-    """Triton 3.6's interpreter takes int() of 1-element arrays, which numpy >= 2.4 refuses."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    orig = interpreter._patch_lang_tensor
-    if getattr(orig, "outrider_fix", False):
-        return
-
-    def patched(tensor, scope):  # type: ignore[no-untyped-def]
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).flat[0]))
-
-    patched.outrider_fix = True  # type: ignore[attr-defined]
-    interpreter._patch_lang_tensor = patched
-
-
-if INTERPRET:
-    _patch_interpreter_index()
+# NOTE: tests/gpu/conftest.py switches Triton to its interpreter first when this is set.
+INTERPRET = os.environ.get("OUTRIDER_TRITON_INTERPRET") == "1"
 
 from outrider.kernels.sampling import torch_ref  # noqa: E402
 from outrider.kernels.sampling.triton_rejection import (  # noqa: E402
