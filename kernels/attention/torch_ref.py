@@ -101,30 +101,29 @@ def paged_attention(
 
 
 class TorchAttentionBackend:
+    """An attention backend: ``write_kv`` stores new K/V, ``attend`` reads the paged cache.
+
+    Other backends subclass this and replace the two functions.
+    """
+
     name = "torch"
+    # NOTE: whether `attend` honours causal=False (the DFlash masked block).
+    supports_non_causal = True
+    write_kv = staticmethod(write_kv)
+    attend = staticmethod(paged_attention)
 
-    @staticmethod
-    def write_kv(
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        write_kv(k, v, k_cache, v_cache, slot_mapping)
-
-    @staticmethod
     def forward(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        self,
+        q: torch.Tensor,  # [T, nH, hd]
+        k: torch.Tensor,  # [T, nKV, hd]
+        v: torch.Tensor,  # [T, nKV, hd]
+        k_cache: torch.Tensor,  # [N, bs, nKV, hd]
+        v_cache: torch.Tensor,  # [N, bs, nKV, hd]
         md: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, md.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, md, scale)
+        self.write_kv(k, v, k_cache, v_cache, md.slot_mapping)
+        return self.attend(q, k_cache, v_cache, md, scale)
 
 
 def dense_attention_reference(

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from outrider.kernels.attention.metadata import AttentionMetadata
+from outrider.kernels.attention.torch_ref import TorchAttentionBackend
 
 LOG2E = 1.4426950408889634
 # NOTE: decode/verify tiles are split over the keys until about this many programs per SM run.
@@ -471,34 +472,13 @@ def paged_attention(
     return out
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(TorchAttentionBackend):
     """The ``triton`` attention backend: paged KV write plus paged attention, CUDA only."""
 
     name = "triton"
     supports_non_causal = True
-
-    @staticmethod
-    def write_kv(
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        write_kv(k, v, k_cache, v_cache, slot_mapping)
-
-    @staticmethod
-    def forward(
-        q: torch.Tensor,  # [T, nH, hd]
-        k: torch.Tensor,  # [T, nKV, hd]
-        v: torch.Tensor,  # [T, nKV, hd]
-        k_cache: torch.Tensor,  # [N, bs, nKV, hd]
-        v_cache: torch.Tensor,  # [N, bs, nKV, hd]
-        md: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, md.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, md, scale)
+    write_kv = staticmethod(write_kv)
+    attend = staticmethod(paged_attention)
 
 
 BACKEND = TritonAttentionBackend()

@@ -174,43 +174,11 @@ class TorchSamplingBackend:
     """The ``torch`` sampling backend: the functions above behind the registry's interface."""
 
     name = "torch"
-
-    def compute_probs(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-        return probs_for(logits, st)
-
-    def sample(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-        return sample(logits, st)
-
-    def sample_from_probs(self, probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-        return sample_from_probs(probs, st)
-
-    def rejection_sample_strict(
-        self,
-        draft_token_ids: torch.Tensor,  # [B, K]
-        num_draft_tokens: torch.Tensor,  # [B]
-        target_token_ids: torch.Tensor,  # [B, K+1]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rejection_sample_strict(draft_token_ids, num_draft_tokens, target_token_ids)
-
-    def rejection_sample(
-        self,
-        draft_token_ids: torch.Tensor,  # [B, K]
-        num_draft_tokens: torch.Tensor,  # [B]
-        draft_probs: torch.Tensor | None,  # [B, K, V]
-        target_probs: torch.Tensor,  # [B, K+1, V]
-        uniforms: torch.Tensor,  # [B, K]
-        recovered_noise: torch.Tensor,  # [B, K, V] or [B, V]
-        bonus_token_ids: torch.Tensor,  # [B]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rejection_sample(
-            draft_token_ids,
-            num_draft_tokens,
-            draft_probs,
-            target_probs,
-            uniforms,
-            recovered_noise,
-            bonus_token_ids,
-        )
+    compute_probs = staticmethod(probs_for)
+    sample = staticmethod(sample)
+    sample_from_probs = staticmethod(sample_from_probs)
+    rejection_sample_strict = staticmethod(rejection_sample_strict)
+    rejection_sample = staticmethod(rejection_sample)
 
 
 BACKEND = TorchSamplingBackend()

@@ -44,11 +44,9 @@ MAX_K = 32
 
 def parallel_blocker(runner: ModelRunner) -> str | None:
     """Why this worker cannot draft P-EAGLE in parallel (None when it can)."""
+    # NOTE: the mask entries need only causal multi-token queries, which every backend runs.
     if runner.cfg.parallel.pipeline_parallel_size > 1:
         return "pipeline_parallel"
-    # NOTE: the mask entries need only causal multi-token queries; a backend opts out here.
-    if not getattr(runner.attn_backend, "supports_parallel_drafting", True):
-        return "attention_backend"
     return None
 
 
