@@ -68,6 +68,7 @@ class AsyncEngine:
         self.kv_usage = kv_usage or (lambda: 0.0)
         self.log_interval_s = log_interval_s
         self.metrics = metrics or EngineMetrics(model_name)
+        self.metrics.set_synthetic(core.synthetic)
         self._requests: dict[int, _Request] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

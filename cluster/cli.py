@@ -130,6 +130,7 @@ def spec_record(llm: Any, stats: Any) -> dict[str, Any]:
         "num_speculative_tokens": llm.spec.num_speculative_tokens,
         "parallel_drafting": caps.parallel_drafting,
         "fallback_reason": caps.fallback_reason,
+        "synthetic": llm.spec.verification == "synthetic",
         "num_drafts": stats.num_drafts,
         "num_draft_tokens": stats.num_draft_tokens,
         "num_accepted_tokens": stats.num_accepted_tokens,
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     from outrider.cluster.serve import add_serve_parser
 
     add_serve_parser(sub)
+    # NOTE: outrider.train sits above cluster (it drives the engine); imported only here.
+    from outrider.train.cli import add_train_parsers
+
+    add_train_parsers(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return parser

@@ -73,6 +73,7 @@ class EngineCore:
         drafter: Drafter | None = None,
         num_speculative_tokens: int = 0,
         max_model_len: int,
+        synthetic: bool = False,
     ) -> None:
         self.target = target
         self.drafter = drafter
@@ -80,6 +81,8 @@ class EngineCore:
         self.scheduler = scheduler
         self.k = num_speculative_tokens if drafter is not None else 0
         self.max_model_len = max_model_len
+        # NOTE: drafts are accepted at synthetic rates (benchmarks); labelled in metrics.
+        self.synthetic = synthetic and self.k > 0
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._aborted: list[Sequence] = []

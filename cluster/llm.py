@@ -84,6 +84,7 @@ class LLM:
             self.runner,
             verification=self.spec.verification if self.spec is not None else "probabilistic",
             aux_layer_ids=caps.aux_layer_ids if caps is not None else (),
+            synthetic_rates=self.spec.synthetic_rates() if self.spec is not None else None,
         )
         self.max_model_len = self.runner.max_model_len
         k = (self.spec.num_speculative_tokens or 0) if self.spec is not None else 0
@@ -110,6 +111,7 @@ class LLM:
             drafter=self.drafter,
             num_speculative_tokens=k,
             max_model_len=self.max_model_len,
+            synthetic=self.spec is not None and self.spec.verification == "synthetic",
         )
 
     # -- prompts ----------------------------------------------------------------------------

@@ -102,6 +102,13 @@ class EngineMetrics:
             (*lbl, "reason"),
             registry=r,
         )
+        self.synthetic = Gauge(
+            "outrider_spec_decode_synthetic_acceptance",
+            "1 when drafts are accepted at synthetic rates (benchmarks; not the model's output).",
+            lbl,
+            registry=r,
+        )
+        self._synthetic = False
         self._window_start = time.monotonic()
         self._window_tokens = 0
         self._window_drafts = 0
@@ -140,6 +147,10 @@ class EngineMetrics:
     def on_fallback_round(self, reason: str) -> None:
         self.fallback.labels(self.model_name, reason).inc()
 
+    def set_synthetic(self, synthetic: bool) -> None:
+        self._synthetic = synthetic
+        self.synthetic.labels(self.model_name).set(1 if synthetic else 0)
+
     def set_load(self, running: int, waiting: int, kv_usage: float) -> None:
         m = self.model_name
         self.running.labels(m).set(running)
@@ -162,6 +173,8 @@ class EngineMetrics:
             f"throughput {self._window_tokens / span:.1f} tok/s, running {running}, "
             f"waiting {waiting}, KV {100 * kv_usage:.1f}%, acceptance length {al}"
         )
+        if self._synthetic:
+            line += " (synthetic acceptance)"
         self._window_start, self._window_tokens = now, 0
         self._window_drafts = self._window_accepted = 0
         return line

@@ -25,6 +25,7 @@ from outrider.workers.group import Placement, WorkerGroup
 from outrider.workers.models.loader import has_tokenizer, load_hf_config, load_tokenizer
 from outrider.workers.proposers.factory import resolve_speculative
 from outrider.workers.protocol import DescribeResponse
+from outrider.workers.spec_config import SpeculativeConfig
 from outrider.workers.speculators import is_speculators_dir, load_speculators_config
 
 logger = logging.getLogger("outrider.router")
@@ -87,6 +88,7 @@ class Router:
             target_vocab_size=vocab,
             verification=spec.verification if spec is not None else "probabilistic",
             aux_layer_ids=aux,
+            synthetic_rates=spec.synthetic_rates() if spec is not None else None,
         )
         self.target_group = await asyncio.to_thread(
             WorkerGroup,
@@ -138,11 +140,12 @@ class Router:
                 logger.warning(
                     "drafter group drafts sequentially (%s): %s", caps.method, caps.fallback_reason
                 )
-        self.engine = self._build_engine(k)
+        self.engine = self._build_engine(spec)
         self.engine.start()
 
-    def _build_engine(self, k: int) -> AsyncEngine:
+    def _build_engine(self, spec: SpeculativeConfig | None) -> AsyncEngine:
         cfg = self.config
+        k = (spec.num_speculative_tokens or 0) if spec is not None else 0
         assert self.target is not None and self.target_desc is not None
         td = self.target_desc
         tok = load_tokenizer(cfg.target.model) if has_tokenizer(cfg.target.model) else None
@@ -166,6 +169,7 @@ class Router:
             drafter=self.drafter,
             num_speculative_tokens=k,
             max_model_len=td.max_model_len,
+            synthetic=spec is not None and spec.verification == "synthetic",
         )
         name = cfg.server.served_model_name or default_model_name(cfg)
         return AsyncEngine(

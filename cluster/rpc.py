@@ -132,7 +132,9 @@ class WorkerClient:
         req = VerifyRequest(entries, to_wire(torch.cat(probs)) if probs else None)
         resp: VerifyResponse = await self._call("Verify", req)
         hidden = from_wire(resp.hidden_states) if resp.hidden_states is not None else None
-        return VerifyResult(resp.output_token_ids, resp.num_accepted, hidden, resp.hidden_rows)
+        return VerifyResult(
+            resp.output_token_ids, resp.num_accepted, hidden, resp.hidden_rows, resp.forward_s
+        )
 
     # -- the drafter -----------------------------------------------------------------------------
     @property
@@ -164,4 +166,4 @@ class WorkerClient:
                     n = len(resp.draft_token_ids[i])
                     out_probs[i] = flat[row : row + n]
                     row += n
-        return ProposeResult(resp.draft_token_ids, out_probs)
+        return ProposeResult(resp.draft_token_ids, out_probs, resp.forward_s)

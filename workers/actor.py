@@ -45,6 +45,7 @@ class GroupInit(msgspec.Struct, frozen=True):
     drafter_num_layers: int | None = None
     verification: str = "probabilistic"
     aux_layer_ids: tuple[int, ...] = ()
+    synthetic_rates: tuple[float, ...] | None = None
 
 
 def free_port() -> int:
@@ -109,6 +110,7 @@ class WorkerActor:
                 num_layers=spec.target_num_layers,
                 verification=spec.verification,
                 aux_layer_ids=spec.aux_layer_ids,
+                synthetic_rates=spec.synthetic_rates,
             )
         else:
             assert spec.speculative is not None

@@ -72,6 +72,7 @@ class VerifyResponse(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     num_accepted: list[int]
     hidden_states: WireTensor | None = None  # [R, A*H]
     hidden_rows: list[int] = []
+    forward_s: float = 0.0  # seconds the group spent in the call (0 from older workers)
 
 
 class ProposeEntry(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
@@ -93,6 +94,7 @@ class ProposeResponse(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fa
     draft_token_ids: list[list[int]]
     has_draft_probs: list[bool] = []
     draft_probs: WireTensor | None = None  # [sum k_b of entries with probs, V]
+    forward_s: float = 0.0  # seconds the group spent in the call (0 from older workers)
 
 
 class ReleaseRequest(msgspec.Struct, array_like=True, gc=False, frozen=True):

@@ -21,9 +21,11 @@ from outrider.workers.config import (
     PoolConfig,
     Quantization,
 )
+from outrider.workers.synthetic import check_rates, rates_from_length
 
 Method = Literal["ngram", "draft_model", "eagle3", "peagle", "dflash"]
-VerificationMode = Literal["strict", "probabilistic"]
+# NOTE: "synthetic" (benchmarks only) is never a default: it must be set explicitly.
+VerificationMode = Literal["strict", "probabilistic", "synthetic"]
 
 NGRAM_DEFAULT_LOOKUP = 5
 
@@ -46,6 +48,10 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
     pipeline_parallel_size: int = 1
     draft_tensor_parallel_size: int | None = None
     verification: VerificationMode = "probabilistic"
+    # With verification "synthetic" (vLLM's names): unconditional acceptance per draft position,
+    # or a mean acceptance length resolved to such rates. Exactly one of the two.
+    synthetic_acceptance_rates: tuple[float, ...] | None = None
+    synthetic_acceptance_length: float | None = None
     # Draft by sampling from the drafter (and send its probabilities) instead of by argmax.
     draft_sampling: bool = False
     max_model_len: int | None = None
@@ -75,8 +81,53 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"`{where}.{name}` must be >= 1, got {value}")
+        self.synthetic_rates(where, resolved=False)
         self.cache.validate(f"{where}.cache")
         self.pool.validate(f"{where}.pool")
+
+    def synthetic_rates(
+        self, where: str = "speculative", *, resolved: bool = True
+    ) -> tuple[float, ...] | None:
+        """The synthetic acceptance rates (None unless verification is synthetic).
+
+        ``resolved``: num_speculative_tokens is final (a checkpoint may still set it before).
+        """
+        rates, length = self.synthetic_acceptance_rates, self.synthetic_acceptance_length
+        if self.verification != "synthetic":
+            for name, value in (
+                ("synthetic_acceptance_rates", rates),
+                ("synthetic_acceptance_length", length),
+            ):
+                if value is not None:
+                    raise ConfigError(
+                        f"`{where}.{name}` applies only with `{where}.verification: synthetic`, "
+                        f"got verification {self.verification!r}"
+                    )
+            return None
+        if (rates is None) == (length is None):
+            raise ConfigError(
+                f"`{where}.verification: synthetic` needs exactly one of "
+                f"`{where}.synthetic_acceptance_rates` or `{where}.synthetic_acceptance_length`"
+            )
+        k = self.num_speculative_tokens
+        if k is None and not resolved:
+            return None
+        if k is None:
+            raise ConfigError(
+                f"`{where}.verification: synthetic` needs `{where}.num_speculative_tokens`"
+            )
+        if length is not None:
+            if not 1.0 <= length <= k + 1:
+                raise ConfigError(
+                    f"`{where}.synthetic_acceptance_length` must be in [1, {k + 1}], got {length}"
+                )
+            return rates_from_length(length, k)
+        assert rates is not None
+        try:
+            check_rates(rates, k, f"{where}.synthetic_acceptance_rates")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return tuple(float(r) for r in rates)
 
     @property
     def lookup_min(self) -> int:

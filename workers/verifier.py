@@ -9,6 +9,8 @@ consume.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,8 +27,30 @@ from outrider.kernels.sampling.ops import (
 from outrider.workers.config import SamplingParams
 from outrider.workers.protocol import Delta
 from outrider.workers.runner import ModelRunner
+from outrider.workers.synthetic import (
+    check_rates,
+    conditional_rates,
+    draw_synthetic_uniforms,
+    synthetic_accept,
+    synthetic_generator,
+)
 
-Verification = Literal["strict", "probabilistic"]
+logger = logging.getLogger(__name__)
+
+Verification = Literal["strict", "probabilistic", "synthetic"]
+
+_warned_synthetic = False
+
+
+def _warn_synthetic_once(rates: Sequence[float]) -> None:
+    global _warned_synthetic
+    if not _warned_synthetic:
+        _warned_synthetic = True
+        logger.warning(
+            "synthetic acceptance is on (rates %s): drafts are accepted at random, so the output "
+            "is not the model's; use it for benchmarks only",
+            [round(r, 4) for r in rates],
+        )
 
 
 @dataclass
@@ -45,6 +69,7 @@ class VerifyResult:
     # [R, A*H] rows for seq b: len(delta_b) + num_accepted_b, in batch order; None if unused
     hidden_states: torch.Tensor | None = None
     hidden_rows: list[int] = field(default_factory=list)
+    forward_s: float = 0.0  # seconds this worker spent in the call (forward and acceptance)
 
 
 class Verifier:
@@ -54,14 +79,25 @@ class Verifier:
         *,
         verification: Verification = "probabilistic",
         aux_layer_ids: Sequence[int] = (),
+        synthetic_rates: Sequence[float] | None = None,
     ) -> None:
         self.runner = runner
         self.verification = verification
+        self.synthetic_cond: list[float] | None = None
+        if verification == "synthetic":
+            if synthetic_rates is None:
+                raise ValueError("synthetic verification needs synthetic acceptance rates")
+            check_rates(synthetic_rates, len(synthetic_rates), "synthetic_acceptance_rates")
+            self.synthetic_cond = conditional_rates(synthetic_rates)
+            _warn_synthetic_once(synthetic_rates)
+        elif synthetic_rates is not None:
+            raise ValueError(f"synthetic acceptance rates given with verification {verification!r}")
         self.aux_layer_ids = tuple(sorted(set(aux_layer_ids)))
         self.sampling_backend = registry.resolve("sampling", "auto", runner.device, torch.float32)
         self.sampler = registry.get("sampling", self.sampling_backend)
         self._params: dict[int, SamplingParams] = {}
         self._generators: dict[int, torch.Generator] = {}
+        self._synthetic_gens: dict[int, torch.Generator] = {}
 
     # -- state per sequence -----------------------------------------------------------------
     def _register(self, item: VerifyItem) -> SamplingParams:
@@ -72,6 +108,8 @@ class Verifier:
                 gen = torch.Generator(device=self.runner.device)
                 gen.manual_seed(item.params.seed % 2**64)
                 self._generators[seq_id] = gen
+            if self.synthetic_cond is not None:
+                self._synthetic_gens[seq_id] = synthetic_generator(seq_id, item.params.seed)
         params = self._params.get(seq_id)
         if params is None:
             raise ValueError(f"sequence {seq_id}: first verify call must carry sampling params")
@@ -81,11 +119,13 @@ class Verifier:
         for seq_id in seq_ids:
             self._params.pop(seq_id, None)
             self._generators.pop(seq_id, None)
+            self._synthetic_gens.pop(seq_id, None)
         self.runner.release(seq_ids)
 
     # -- the round --------------------------------------------------------------------------
     @torch.inference_mode()
     def verify(self, items: Sequence[VerifyItem]) -> VerifyResult:
+        t0 = time.perf_counter()
         params = [self._register(it) for it in items]
         deltas = [
             Delta(it.delta.seq_id, it.delta.start_pos, it.delta.token_ids + it.draft_token_ids)
@@ -113,6 +153,7 @@ class Verifier:
             ]
             result.hidden_states = torch.cat([aux[a:e] for a, e in spans])  # [R, A*H]
             result.hidden_rows = [e - a for a, e in spans]
+        result.forward_s = time.perf_counter() - t0
         return result
 
     def _accept(
@@ -145,12 +186,16 @@ class Verifier:
 
         greedy = [b for b, p in enumerate(params) if p.greedy]
         random = [b for b, p in enumerate(params) if not p.greedy]
-        if greedy:
+        if self.synthetic_cond is not None:
+            out_tokens, n_acc = self._accept_synthetic(
+                items, params, greedy, random, drafts, n_draft, logits, gather
+            )
+        elif greedy:
             g = torch.tensor(greedy, device=dev)
             target = logits[gather[g]].argmax(dim=-1)  # [Bg, K+1]
             o, n = self.sampler.rejection_sample_strict(drafts[g], n_draft[g], target)
             out_tokens[g], n_acc[g] = o, n
-        if random:
+        if random and self.synthetic_cond is None:
             r = torch.tensor(random, device=dev)
             o, n = self._accept_random(
                 items, params, random, drafts[r], n_draft[r], logits, gather[r]
@@ -159,6 +204,44 @@ class Verifier:
         out_list = out_tokens.tolist()
         acc_list = n_acc.tolist()
         return [row[: a + 1] for row, a in zip(out_list, acc_list, strict=True)], acc_list
+
+    def _accept_synthetic(
+        self,
+        items: Sequence[VerifyItem],
+        params: Sequence[SamplingParams],
+        greedy: list[int],
+        random: list[int],
+        drafts: torch.Tensor,  # [B, K]
+        n_draft: torch.Tensor,  # [B]
+        logits: torch.Tensor,  # [sum(k_b + 1), V]
+        gather: torch.Tensor,  # [B, K+1]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Benchmarks only: accept at the set rates; the target's own token follows."""
+        assert self.synthetic_cond is not None
+        dev = logits.device
+        k_max = drafts.shape[1]
+        target = torch.empty(gather.shape, dtype=torch.int64, device=dev)  # [B, K+1]
+        if greedy:
+            g = torch.tensor(greedy, device=dev)
+            target[g] = logits[gather[g]].argmax(dim=-1)
+        if random:
+            r = torch.tensor(random, device=dev)
+            sel = [params[b] for b in random]
+            gens = [self._generators.get(items[b].delta.seq_id) for b in random]
+            st = SamplingTensors.from_lists(
+                [p.temperature for p in sel],
+                [p.top_k for p in sel],
+                [p.top_p for p in sel],
+                gens,
+                dev,
+            )
+            probs = self.sampler.compute_probs(logits[gather[r]], st)  # [Br, K+1, V]
+            noise = draw_exponential((k_max + 1, probs.shape[-1]), gens, dev, probs.dtype)
+            target[r] = exponential_race(probs, noise)
+        uniforms = draw_synthetic_uniforms(
+            n_draft.tolist(), k_max, [self._synthetic_gens[it.delta.seq_id] for it in items]
+        )  # [B, K]
+        return synthetic_accept(drafts, n_draft, target, uniforms, self.synthetic_cond)
 
     def _accept_random(
         self,

@@ -7,6 +7,7 @@ inside the forward keep them together, and the group leader's result is the one 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import msgspec
@@ -57,6 +58,7 @@ class TargetWorker:
         num_layers: int,
         verification: str = "probabilistic",
         aux_layer_ids: Sequence[int] = (),
+        synthetic_rates: Sequence[float] | None = None,
     ) -> None:
         pp = get_pp_group()
         start, end = stage_layers(num_layers, pp.size, pp.rank)
@@ -66,6 +68,7 @@ class TargetWorker:
             self.runner,
             verification=verification,
             aux_layer_ids=aux_layer_ids,  # type: ignore[arg-type]
+            synthetic_rates=synthetic_rates,
         )
 
     def verify(self, req: VerifyRequest) -> VerifyResponse:
@@ -84,7 +87,9 @@ class TargetWorker:
             )
         res = self.verifier.verify(items)
         hidden = to_wire(res.hidden_states) if res.hidden_states is not None else None
-        return VerifyResponse(res.output_token_ids, res.num_accepted, hidden, res.hidden_rows)
+        return VerifyResponse(
+            res.output_token_ids, res.num_accepted, hidden, res.hidden_rows, res.forward_s
+        )
 
     def release(self, seq_ids: list[int]) -> int:
         known = sum(1 for s in seq_ids if self.runner.kv.has(s))
@@ -149,11 +154,13 @@ class DrafterWorker:
             items.append(
                 ProposeItem(Delta(e.seq_id, e.start_pos, e.token_ids), e.num_draft, h, e.params)
             )
+        t0 = time.perf_counter()
         res = self.proposer.propose(items, "parallel" if req.mode == "parallel" else "sequential")
+        forward_s = time.perf_counter() - t0
         has = [p is not None for p in res.draft_probs] if res.draft_probs else []
         probs = [p for p in res.draft_probs if p is not None] if res.draft_probs else []
         wire = to_wire(torch.cat(probs)) if probs else None
-        return ProposeResponse(res.draft_token_ids, has, wire)
+        return ProposeResponse(res.draft_token_ids, has, wire, forward_s)
 
     def release(self, seq_ids: list[int]) -> int:
         self.proposer.release(seq_ids)

@@ -35,6 +35,7 @@ class ProposeResult:
     draft_token_ids: list[list[int]]
     # [k_b, V] per sequence when it drafts by sampling (probabilistic verification); else None
     draft_probs: list[torch.Tensor | None] = field(default_factory=list)
+    forward_s: float = 0.0  # seconds the drafter spent in the call; set by whoever timed it
 
 
 class Proposer(abc.ABC):
