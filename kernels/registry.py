@@ -32,6 +32,7 @@ class BackendSpec:
     dtypes: tuple[torch.dtype, ...] | None = None  # None = any floating dtype
     quantizations: tuple[str, ...] = ("none",)
     requires: tuple[str, ...] = ()  # importable packages the backend needs
+    min_capability: tuple[int, int] | None = None  # oldest CUDA compute capability it runs on
 
     def unavailable_reason(
         self, device: torch.device, dtype: torch.dtype, quantization: str
@@ -46,6 +47,11 @@ class BackendSpec:
         for pkg in self.requires:
             if importlib.util.find_spec(pkg) is None:
                 return f"needs the `{pkg}` package, which is not installed"
+        if self.min_capability is not None:
+            cap = _device_capability(device)
+            if cap is not None and cap < self.min_capability:
+                need = ".".join(map(str, self.min_capability))
+                return f"needs compute capability {need} or newer, this GPU has {cap[0]}.{cap[1]}"
         try:
             found = importlib.util.find_spec(self.module) is not None
         except ModuleNotFoundError:
@@ -55,11 +61,22 @@ class BackendSpec:
         return None
 
 
+def _device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The GPU's compute capability; None where it cannot be read (no CUDA here)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
 _REGISTRY: dict[str, dict[str, BackendSpec]] = {kind: {} for kind in KINDS}
 # Preference order of `auto`, per kind and device type.
 _AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "attention": {"cuda": ("flashinfer", "triton", "torch"), "cpu": ("torch",)},
-    "moe": {"cuda": ("flashinfer_cutlass", "triton", "torch"), "cpu": ("torch",)},
+    # NOTE: torch_loop is last: the only CPU backend that takes fp8 weights (it dequantizes).
+    "moe": {
+        "cuda": ("flashinfer_cutlass", "triton", "torch", "torch_loop"),
+        "cpu": ("torch", "torch_loop"),
+    },
     "sampling": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }
 
@@ -157,18 +174,17 @@ def _register_builtins() -> None:
             "BACKEND",
             ("cuda",),
             half,
-            requires=("flashinfer",),
+            # NOTE: FlashInfer attends; the KV write is Triton's reshape_and_cache.
+            requires=("flashinfer", "triton"),
         )
     )
-    for name, attr in (("torch", "BACKEND"), ("torch_loop", "LOOP_BACKEND")):
+    for name, attr, quants in (
+        ("torch", "BACKEND", ("none",)),
+        ("torch_loop", "LOOP_BACKEND", ("none", "fp8")),
+    ):
         register(
             BackendSpec(
-                "moe",
-                name,
-                "outrider.kernels.moe.torch_ref",
-                attr,
-                cpu_cuda,
-                quantizations=("none", "fp8"),
+                "moe", name, "outrider.kernels.moe.torch_ref", attr, cpu_cuda, quantizations=quants
             )
         )
     register(
@@ -178,7 +194,7 @@ def _register_builtins() -> None:
             "outrider.kernels.moe.triton_moe",
             "BACKEND",
             ("cuda",),
-            half,
+            half + (torch.float32,),
             quantizations=("none", "fp8"),
             requires=("triton",),
         )
@@ -192,6 +208,8 @@ def _register_builtins() -> None:
             ("cuda",),
             (torch.bfloat16,),
             requires=("flashinfer",),
+            # NOTE: FlashInfer builds its CUTLASS MoE module for sm89, sm90 and sm100+ only.
+            min_capability=(8, 9),
         )
     )
     register(

@@ -35,6 +35,11 @@ def get_forward_context() -> ForwardContext:
 @contextmanager
 def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
     global _CTX
+    # NOTE: per-forward work a backend shares across layers (FlashInfer's page lists) happens
+    # here, once, before any layer runs; backends without a `begin_forward` have none.
+    begin = getattr(ctx.attn_backend, "begin_forward", None)
+    if begin is not None:
+        begin(ctx.attn_metadata, ctx.kv_caches)
     prev, _CTX = _CTX, ctx
     try:
         yield ctx
