@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     from outrider.cluster.serve import add_serve_parser
 
     add_serve_parser(sub)
+    # NOTE: outrider.train sits above cluster (it drives the engine); imported only here.
+    from outrider.train.cli import add_train_parsers
+
+    add_train_parsers(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return parser
