@@ -15,6 +15,8 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 AttentionBackendName = Literal["auto", "torch", "triton", "flashinfer"]
 MoeBackendName = Literal["auto", "torch", "torch_loop", "triton", "flashinfer_cutlass"]
 Quantization = Literal["none", "fp8"]
+# NOTE: num_speculative_tokens is at most 32, so a verify step has at most 33 tokens per sequence.
+MAX_GRAPH_QUERY_LEN = 33
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,30 @@ class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     attention_backend: AttentionBackendName = "auto"
     # NOTE: None means "inherit" for a drafter group (vLLM #37880); a target resolves None as auto.
     moe_backend: MoeBackendName | None = None
+    # NOTE: on CUDA the target replays decode and verify steps from CUDA graphs unless this is
+    # set (vLLM's name); CPUs always run eagerly.
+    enforce_eager: bool = False
+    # A step of n sequences is padded to the smallest of these sizes that holds it.
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    # Steps with up to this many query tokens per sequence (verify: num_speculative_tokens + 1).
+    cuda_graph_max_query_len: int = 17
+
+    def validate(self, where: str = "kernels") -> None:
+        sizes = self.cuda_graph_batch_sizes
+        if not sizes:
+            raise ConfigError(f"`{where}.cuda_graph_batch_sizes` must not be empty")
+        bad = [s for s in sizes if s < 1]
+        if bad:
+            raise ConfigError(f"`{where}.cuda_graph_batch_sizes` must be >= 1, got {bad[0]}")
+        if len(set(sizes)) != len(sizes):
+            raise ConfigError(
+                f"`{where}.cuda_graph_batch_sizes` must not repeat a size, got {list(sizes)}"
+            )
+        if not 1 <= self.cuda_graph_max_query_len <= MAX_GRAPH_QUERY_LEN:
+            raise ConfigError(
+                f"`{where}.cuda_graph_max_query_len` must be in [1, {MAX_GRAPH_QUERY_LEN}], "
+                f"got {self.cuda_graph_max_query_len}"
+            )
 
 
 class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

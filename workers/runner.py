@@ -18,7 +18,8 @@ from torch import nn
 from outrider.kernels import registry
 from outrider.kernels.attention.metadata import AttentionMetadata
 from outrider.workers.config import ConfigError, WorkerConfig
-from outrider.workers.distributed import get_pp_group
+from outrider.workers.cuda_graph import GraphRunner, graph_blockers
+from outrider.workers.distributed import get_pp_group, get_tp_group
 from outrider.workers.forward_context import ForwardContext, forward_context
 from outrider.workers.kv_cache import KVCacheManager, allocate_kv_caches, kv_bytes_per_block
 from outrider.workers.models.base import IntermediateTensors, ModelOutput
@@ -82,6 +83,7 @@ class ModelRunner:
     ) -> None:
         """``build(device, dtype, moe_backend) -> (model, hf_config)`` replaces the loader for
         models that are not plain causal LMs (EAGLE-3 and DFlash drafters)."""
+        cfg.kernels.validate(f"{group}.kernels")
         self.cfg = cfg
         self.group = group
         self.device = resolve_device(cfg.device)
@@ -127,15 +129,43 @@ class ModelRunner:
         self.num_kv_heads = self._local_kv_heads()
         self.head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
         self.kv = KVCacheManager(self.num_blocks, self.block_size)
+        # NOTE: one physical block past the manager's: padding rows of graph steps write there.
+        self.scratch_block = self.num_blocks
         self.kv_caches = allocate_kv_caches(
             self.num_layers,
-            self.num_blocks,
+            self.num_blocks + 1,
             self.block_size,
             self.num_kv_heads,
             self.head_dim,
             self.dtype,
             self.device,
         )
+        self.graph_runner: GraphRunner | None = self._graph_runner()
+
+    def _graph_runner(self) -> GraphRunner | None:
+        """CUDA graphs for the target's decode and verify steps, when they can run."""
+        kernels = self.cfg.kernels
+        if self.device.type != "cuda" or kernels.enforce_eager or self.group != "target":
+            return None
+        blockers = graph_blockers(self.model, self.attn_backend)
+        if get_pp_group().size > 1 or get_tp_group().size > 1:
+            blockers.append("tensor/pipeline parallel groups run eagerly")
+        if blockers:
+            logger.info("%s: CUDA graphs off: %s", self.group, "; ".join(blockers))
+            return None
+        return GraphRunner(
+            self,
+            batch_sizes=kernels.cuda_graph_batch_sizes,
+            max_query_len=kernels.cuda_graph_max_query_len,
+        )
+
+    def capture_cuda_graphs(
+        self, query_lens: Sequence[int], aux_layer_ids: Sequence[int] = ()
+    ) -> int:
+        """Capture the decode/verify graphs of these query lengths now (else on first use)."""
+        if self.graph_runner is None:
+            return 0
+        return self.graph_runner.capture(query_lens, aux_layer_ids)
 
     # -- sizing -----------------------------------------------------------------------------
     def _max_model_len(self) -> int:
@@ -151,8 +181,6 @@ class ModelRunner:
         return want
 
     def _local_kv_heads(self) -> int:
-        from outrider.workers.distributed import get_tp_group
-
         hc = self.hf_config
         total = getattr(hc, "num_key_value_heads", None) or hc.num_attention_heads
         tp = get_tp_group().size
@@ -247,6 +275,12 @@ class ModelRunner:
         intermediate: IntermediateTensors | None = None,
         **model_kwargs: Any,
     ) -> ModelOutput:
+        """One forward over the prepared batch. Outputs of a replayed CUDA graph are views of
+        its static buffers: read them before the next forward."""
+        if self.graph_runner is not None and intermediate is None and not model_kwargs:
+            out = self.graph_runner.run(batch, aux_layer_ids)
+            if out is not None:
+                return out
         ctx = ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)
         pp = get_pp_group()
         if pp.size > 1 and not model_kwargs:

@@ -109,6 +109,10 @@ class TorchAttentionBackend:
     name = "torch"
     # NOTE: whether `attend` honours causal=False (the DFlash masked block).
     supports_non_causal = True
+    # NOTE: whether `forward` may be captured in a CUDA graph: no host syncs, and correct for
+    # any seq_lens at or below md.max_seq_len with max_query_len and max_seq_len fixed at capture
+    # (device tensors change between replays; the host lists are empty). This one syncs.
+    cuda_graph_safe = False
     write_kv = staticmethod(write_kv)
     attend = staticmethod(paged_attention)
 

@@ -477,6 +477,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
 
     name = "triton"
     supports_non_causal = True
+    cuda_graph_safe = True
     write_kv = staticmethod(write_kv)
     attend = staticmethod(paged_attention)
 
