@@ -139,7 +139,7 @@ class AsyncEngine:
         try:
             call = next(gen)
             while True:
-                if call[0] == "propose" and self._fallback_reason:
+                if call[0] in ("propose", "overlap") and self._fallback_reason:
                     self.metrics.on_fallback_round(self._fallback_reason)
                 call = gen.send(await self.call(call))
         except StopIteration as stop:
@@ -170,6 +170,11 @@ class AsyncEngine:
             )
         for seq_stats in self._round_spec(outputs):
             self.metrics.on_spec(*seq_stats)
+        if outputs:
+            t = self.core.last_timing
+            self.metrics.on_round(
+                t.k, t.draft_s, t.verify_s, t.overhead_s, t.overlap_hits, t.overlap_misses
+            )
 
     @staticmethod
     def _round_spec(outputs: list[Any]) -> list[tuple[int, int]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Generator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -17,9 +18,10 @@ from typing import Any, Protocol
 import torch
 
 from outrider.cluster.detokenizer import Detokenizer
+from outrider.cluster.draft_length import DraftLengthPolicy, FixedDraftLength
 from outrider.cluster.scheduler import Scheduler
 from outrider.cluster.sequence import SeqStatus, Sequence, SpecStats
-from outrider.workers.config import SamplingParams
+from outrider.workers.config import ConfigError, SamplingParams
 from outrider.workers.proposers.base import (
     DrafterCapabilities,
     DraftMode,
@@ -56,11 +58,41 @@ class StepOutput:
 
 
 @dataclass
+class RoundTiming:
+    """One round's wall time split into the groups' forward time and the rest (seconds)."""
+
+    k: int = 0  # the longest draft of the round (0 = plain decoding)
+    wall_s: float = 0.0
+    draft_s: float = 0.0  # drafter time (cold and ahead calls)
+    verify_s: float = 0.0
+    # NOTE: wall time minus the forward time on the critical path (overlapped calls count once).
+    overhead_s: float = 0.0
+    overlap_hits: int = 0
+    overlap_misses: int = 0
+
+
+@dataclass
 class EngineStats:
     spec: SpecStats = field(default_factory=SpecStats)
     num_rounds: int = 0
     num_generated_tokens: int = 0
     num_preemptions: int = 0
+    rounds_by_k: dict[int, int] = field(default_factory=dict)
+    num_overlap_hits: int = 0
+    num_overlap_misses: int = 0
+    wall_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    overhead_s: float = 0.0
+
+    def record(self, t: RoundTiming) -> None:
+        self.rounds_by_k[t.k] = self.rounds_by_k.get(t.k, 0) + 1
+        self.num_overlap_hits += t.overlap_hits
+        self.num_overlap_misses += t.overlap_misses
+        self.wall_s += t.wall_s
+        self.draft_s += t.draft_s
+        self.verify_s += t.verify_s
+        self.overhead_s += t.overhead_s
 
 
 class EngineCore:
@@ -74,6 +106,8 @@ class EngineCore:
         num_speculative_tokens: int = 0,
         max_model_len: int,
         synthetic: bool = False,
+        draft_length: DraftLengthPolicy | None = None,
+        overlap: bool = False,
     ) -> None:
         self.target = target
         self.drafter = drafter
@@ -84,11 +118,20 @@ class EngineCore:
         # NOTE: drafts are accepted at synthetic rates (benchmarks); labelled in metrics.
         self.synthetic = synthetic and self.k > 0
         self.stats = EngineStats()
+        self.last_timing = RoundTiming()
+        self.policy: DraftLengthPolicy = draft_length or FixedDraftLength(self.k)
         self._ids = itertools.count()
         self._aborted: list[Sequence] = []
         caps = drafter.capabilities if drafter is not None else None
         self.mode: DraftMode = "parallel" if caps and caps.parallel_drafting else "sequential"
         self.needs_hidden = bool(caps and caps.needs_target_hidden_states)
+        self.overlap = overlap and self.k > 0
+        if self.overlap and self.needs_hidden:
+            assert caps is not None
+            raise ConfigError(
+                f"`speculative.overlap` needs a drafter that drafts without the target's hidden "
+                f"states; {caps.method} needs them (use overlap: false)"
+            )
         if caps is not None and caps.fallback_reason:
             logger.warning("drafter %s drafts sequentially: %s", caps.method, caps.fallback_reason)
 
@@ -117,12 +160,27 @@ class EngineCore:
         return [s.seq_id for s in seqs]
 
     # -- one round ----------------------------------------------------------------------------
-    def _num_draft(self, seq: Sequence) -> int:
-        if self.k == 0 or seq.target_len == 0:
+    def _num_draft(self, seq: Sequence, k: int) -> int:
+        if k == 0 or seq.target_len == 0:
             return 0
         room_tokens = seq.params.max_tokens - seq.num_output_tokens - 1
         room_len = self.max_model_len - len(seq.token_ids) - 1
-        return max(0, min(self.k, room_tokens, room_len))
+        return max(0, min(k, room_tokens, room_len))
+
+    def _ahead_count(self, seq: Sequence, num_drafts: int, k: int) -> int:
+        """Tokens to draft ahead (the bonus guess + next round's drafts), 0 if not worth it."""
+        outputs = seq.num_output_tokens + num_drafts + 1  # if every draft and the guess hold
+        room_tokens = seq.params.max_tokens - outputs - 1
+        room_len = self.max_model_len - (len(seq.token_ids) + num_drafts + 1) - 1
+        room = min(k, room_tokens, room_len)
+        return 1 + room if room > 0 else 0
+
+    def _choose_k(self, seqs: list[Sequence]) -> int:
+        if self.k == 0 or self.drafter is None:
+            return 0
+        decode = [s for s in seqs if s.target_len > 0]
+        other = sum(len(s.token_ids) for s in seqs if s.target_len == 0)
+        return min(self.policy.choose(len(decode), other), self.k)
 
     def _propose_items(self, seqs: list[Sequence], ks: list[int]) -> list[ProposeItem]:
         items = []
@@ -137,8 +195,10 @@ class EngineCore:
         return items
 
     def round(self) -> Generator[Call, Any, list[StepOutput]]:
-        """One round as a coroutine of calls: yields ("release" | "propose" | "verify", args)
-        and receives each call's result, so sync and async drivers share this logic."""
+        """One round as a coroutine of calls: yields ("release" | "propose" | "verify" |
+        "overlap", args) and receives each call's result, so sync and async drivers share
+        this logic. "overlap" is a verify and a propose to run at the same time; its result is
+        the pair (VerifyResult, ProposeResult)."""
         batch = self.scheduler.schedule()
         dropped = [*self._aborted, *batch.preempted]
         self._aborted = []
@@ -150,22 +210,36 @@ class EngineCore:
         for seq in dropped:
             seq.target_len = seq.draft_len = 0
             seq.pending_hidden = None
+            seq.prepared_draft_ids = seq.prepared_draft_probs = None
         seqs = batch.seqs
         if not seqs:
             return []
-        ks = [self._num_draft(s) for s in seqs]
+        t_start = time.perf_counter()
+        k = self._choose_k(seqs)
+        ks = [self._num_draft(s, k) for s in seqs]
+        timing = RoundTiming(k=max(ks))
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[torch.Tensor | None] = [None for _ in seqs]
-        # NOTE: a sequence whose prefill finished proposes too (k may be 0): the drafter must
-        # ingest every confirmed token to stay in step with the target.
-        idx = [i for i, s in enumerate(seqs) if s.target_len > 0] if self.drafter else []
-        if idx:
-            items = self._propose_items([seqs[i] for i in idx], [ks[i] for i in idx])
+        if self.overlap:
+            cold = self._take_prepared(seqs, ks, drafts, probs)
+        else:
+            # NOTE: a sequence whose prefill finished proposes too (its k may be 0): the drafter
+            # ingests every confirmed token while drafting is on. With k = 0 for the whole
+            # round the drafter is not called; its next delta catches it up from draft_len.
+            cold = [i for i, s in enumerate(seqs) if s.target_len > 0] if k else []
+        critical_s = 0.0
+        if cold:
+            items = self._propose_items([seqs[i] for i in cold], [ks[i] for i in cold])
+            t0 = time.perf_counter()
             res: ProposeResult = yield ("propose", (items, self.mode))
-            for seq in (seqs[i] for i in idx):
+            dt = time.perf_counter() - t0
+            self.policy.observe_draft(max(ks[i] for i in cold), sum(ks[i] for i in cold), dt)
+            timing.draft_s += res.forward_s or dt
+            critical_s += res.forward_s or dt
+            for seq in (seqs[i] for i in cold):
                 seq.draft_len = len(seq.token_ids)
                 seq.pending_hidden = None
-            for j, i in enumerate(idx):
+            for j, i in enumerate(cold):
                 drafts[i] = res.draft_token_ids[j][: ks[i]]
                 if res.draft_probs:
                     probs[i] = res.draft_probs[j]
@@ -178,21 +252,149 @@ class EngineCore:
             )
             for i, s in enumerate(seqs)
         ]
-        result: VerifyResult = yield ("verify", (items_v,))
+        num_tokens = sum(len(it.delta.token_ids) + len(it.draft_token_ids) for it in items_v)
+        ahead_idx, ahead_items = (
+            self._ahead_items(seqs, drafts, k) if self.overlap else ([], [])
+        )
+        t0 = time.perf_counter()
+        ahead: ProposeResult | None = None
+        if ahead_items:
+            result, ahead = yield ("overlap", (items_v, ahead_items, self.mode))
+            assert ahead is not None
+            dt = time.perf_counter() - t0
+            fw_v, fw_a = result.forward_s or dt, ahead.forward_s or dt
+            self.policy.observe_verify(num_tokens, fw_v)
+            self.policy.observe_draft(
+                max(it.num_draft for it in ahead_items),
+                sum(it.num_draft for it in ahead_items),
+                fw_a,
+            )
+            timing.verify_s += fw_v
+            timing.draft_s += fw_a
+            critical_s += max(fw_v, fw_a)
+        else:
+            result = yield ("verify", (items_v,))
+            dt = time.perf_counter() - t0
+            self.policy.observe_verify(num_tokens, dt)
+            timing.verify_s += result.forward_s or dt
+            critical_s += result.forward_s or dt
         self.stats.num_rounds += 1
+        lens = [len(s.token_ids) for s in seqs]
         outputs, finished = self._apply(seqs, items_v, result)
+        if ahead is not None:
+            self._settle_ahead(seqs, lens, drafts, result, ahead_idx, ahead, timing)
+        self.policy.observe_acceptance(
+            [
+                (len(it.draft_token_ids), n)
+                for it, n in zip(items_v, result.num_accepted, strict=True)
+                if it.draft_token_ids
+            ]
+        )
         ids = self._release_ids(finished)
         if ids:
             yield ("release", (ids,))
+        timing.wall_s = time.perf_counter() - t_start
+        timing.overhead_s = max(timing.wall_s - critical_s, 0.0)
+        self.last_timing = timing
+        self.stats.record(timing)
         return outputs
 
+    # -- overlap --------------------------------------------------------------------------------
+    def _take_prepared(
+        self,
+        seqs: list[Sequence],
+        ks: list[int],
+        drafts: list[list[int]],
+        probs: list[torch.Tensor | None],
+    ) -> list[int]:
+        """Use the drafts prepared last round; return the sequences that must draft now."""
+        cold = []
+        for i, seq in enumerate(seqs):
+            prepared, prepared_probs = seq.prepared_draft_ids, seq.prepared_draft_probs
+            seq.prepared_draft_ids = seq.prepared_draft_probs = None
+            if ks[i] == 0:
+                continue
+            if prepared:
+                drafts[i] = prepared[: ks[i]]
+                if isinstance(prepared_probs, torch.Tensor):
+                    probs[i] = prepared_probs[: len(drafts[i])]
+            else:
+                cold.append(i)
+        return cold
+
+    def _ahead_items(
+        self, seqs: list[Sequence], drafts: list[list[int]], k: int
+    ) -> tuple[list[int], list[ProposeItem]]:
+        """Propose items that draft round r + 1 from [confirmed tokens, drafts of round r]."""
+        idx: list[int] = []
+        items: list[ProposeItem] = []
+        if k == 0 or self.drafter is None:
+            return idx, items
+        for i, seq in enumerate(seqs):
+            n = self._ahead_count(seq, len(drafts[i]), k)
+            tokens = seq.token_ids[seq.draft_len :] + drafts[i]
+            if n == 0 or not tokens:
+                continue
+            # NOTE: the delta assumes every draft is accepted; its first drafted token is the
+            # drafter's guess of the bonus token, the rest are next round's drafts.
+            delta = Delta(seq.seq_id, seq.draft_len, tokens)
+            items.append(ProposeItem(delta, n, None, seq.params if seq.draft_len == 0 else None))
+            idx.append(i)
+        return idx, items
+
+    def _settle_ahead(
+        self,
+        seqs: list[Sequence],
+        lens: list[int],
+        drafts: list[list[int]],
+        result: VerifyResult,
+        idx: list[int],
+        ahead: ProposeResult,
+        timing: RoundTiming,
+    ) -> None:
+        """Keep the prepared drafts where verification confirmed the assumption (a hit)."""
+        for j, i in enumerate(idx):
+            seq = seqs[i]
+            if seq.is_finished:
+                continue
+            n_acc = result.num_accepted[i]
+            guess = ahead.draft_token_ids[j]
+            new = seq.token_ids[lens[i] :]
+            hit = (
+                n_acc == len(drafts[i])
+                and len(guess) > 1
+                and len(new) == n_acc + 1
+                and new[-1] == guess[0]
+            )
+            # NOTE: the drafter's KV holds the delta tokens it was sent; those up to the first
+            # rejected draft are the true tokens, so its next delta starts there (rollback).
+            seq.draft_len = lens[i] + n_acc
+            if hit:
+                seq.prepared_draft_ids = guess[1:]
+                q = ahead.draft_probs[j] if ahead.draft_probs else None
+                seq.prepared_draft_probs = q[1:] if q is not None else None
+                timing.overlap_hits += 1
+            else:
+                timing.overlap_misses += 1
+
+    def _propose(self, items: Seq[ProposeItem], mode: DraftMode) -> ProposeResult:
+        assert self.drafter is not None
+        t0 = time.perf_counter()
+        res = self.drafter.propose(items, mode)
+        if not res.forward_s:
+            res.forward_s = time.perf_counter() - t0
+        return res
+
     def _call(self, call: Call) -> Any:
+        """In-process driver: the two calls of "overlap" run one after the other."""
         kind, args = call
         if kind == "verify":
             return self.target.verify(*args)
         if kind == "propose":
-            assert self.drafter is not None
-            return self.drafter.propose(*args)
+            return self._propose(*args)
+        if kind == "overlap":
+            items_v, items_p, mode = args
+            return self.target.verify(items_v), self._propose(items_p, mode)
         self.target.release(*args)
         if self.drafter is not None:
             self.drafter.release(*args)

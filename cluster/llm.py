@@ -16,6 +16,7 @@ from typing import Any
 from outrider.cluster.async_engine import AsyncEngine
 from outrider.cluster.config import OutriderConfig
 from outrider.cluster.detokenizer import Detokenizer
+from outrider.cluster.draft_length import build_draft_length_policy, lookahead
 from outrider.cluster.engine import Call, EngineCore
 from outrider.cluster.scheduler import KVBudget, Scheduler
 from outrider.cluster.sequence import SpecStats
@@ -97,7 +98,7 @@ class LLM:
             budgets,
             max_num_seqs=config.scheduler.max_num_seqs,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            lookahead=k + 1,
+            lookahead=lookahead(self.spec),
         )
         detok = Detokenizer(
             self.tokenizer,
@@ -112,6 +113,8 @@ class LLM:
             num_speculative_tokens=k,
             max_model_len=self.max_model_len,
             synthetic=self.spec is not None and self.spec.verification == "synthetic",
+            draft_length=build_draft_length_policy(self.spec),
+            overlap=self.spec is not None and self.spec.overlap,
         )
 
     # -- prompts ----------------------------------------------------------------------------

@@ -102,6 +102,45 @@ class EngineMetrics:
             (*lbl, "reason"),
             registry=r,
         )
+        self.draft_length = Gauge(
+            "outrider_spec_decode_draft_length",
+            "Draft tokens per sequence chosen for the latest round (0 = plain decoding).",
+            lbl,
+            registry=r,
+        )
+        self.round_draft = Histogram(
+            "outrider_spec_decode_round_draft_seconds",
+            "Drafter forward time per drafting round.",
+            lbl,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.round_verify = Histogram(
+            "outrider_spec_decode_round_verify_seconds",
+            "Target forward time per round.",
+            lbl,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.round_overhead = Histogram(
+            "outrider_spec_decode_round_overhead_seconds",
+            "Round wall time minus the forward time on its critical path.",
+            lbl,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overlap_hits = Counter(
+            "outrider_spec_decode_overlap_hits",
+            "Sequences whose drafts prepared during verification were used.",
+            lbl,
+            registry=r,
+        )
+        self.overlap_misses = Counter(
+            "outrider_spec_decode_overlap_misses",
+            "Sequences whose prepared drafts were dropped (a rejection or a wrong bonus guess).",
+            lbl,
+            registry=r,
+        )
         self.synthetic = Gauge(
             "outrider_spec_decode_synthetic_acceptance",
             "1 when drafts are accepted at synthetic rates (benchmarks; not the model's output).",
@@ -143,6 +182,26 @@ class EngineMetrics:
             self.accepted_per_pos.labels(m, str(pos)).inc()
         self._window_drafts += 1
         self._window_accepted += num_accepted
+
+    def on_round(
+        self,
+        k: int,
+        draft_s: float,
+        verify_s: float,
+        overhead_s: float,
+        overlap_hits: int = 0,
+        overlap_misses: int = 0,
+    ) -> None:
+        m = self.model_name
+        self.draft_length.labels(m).set(k)
+        if draft_s > 0:
+            self.round_draft.labels(m).observe(draft_s)
+        self.round_verify.labels(m).observe(verify_s)
+        self.round_overhead.labels(m).observe(overhead_s)
+        if overlap_hits:
+            self.overlap_hits.labels(m).inc(overlap_hits)
+        if overlap_misses:
+            self.overlap_misses.labels(m).inc(overlap_misses)
 
     def on_fallback_round(self, reason: str) -> None:
         self.fallback.labels(self.model_name, reason).inc()

@@ -16,6 +16,7 @@ import torch
 from outrider.cluster.async_engine import AsyncEngine
 from outrider.cluster.config import OutriderConfig, load_config
 from outrider.cluster.detokenizer import Detokenizer
+from outrider.cluster.draft_length import build_draft_length_policy, lookahead
 from outrider.cluster.engine import Call, EngineCore
 from outrider.cluster.llm import default_model_name, eos_token_ids
 from outrider.cluster.rpc import WorkerClient, message_limit_bytes
@@ -73,7 +74,8 @@ class Router:
         limit = message_limit_bytes(
             max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
             max_num_seqs=cfg.scheduler.max_num_seqs,
-            num_speculative_tokens=k,
+            # NOTE: with overlap a propose returns k + 1 probability rows per sequence.
+            num_speculative_tokens=k + (1 if spec is not None and spec.overlap else 0),
             vocab_size=vocab,
             hidden_bytes_per_token=max(len(aux), 1) * int(hf.hidden_size) * 4,
         )
@@ -159,7 +161,7 @@ class Router:
             budgets,
             max_num_seqs=cfg.scheduler.max_num_seqs,
             max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
-            lookahead=k + 1,
+            lookahead=lookahead(spec),
         )
         detok = Detokenizer(tok, eos_token_ids(tok, self._hf), td.max_model_len)
         core = EngineCore(
@@ -170,6 +172,8 @@ class Router:
             num_speculative_tokens=k,
             max_model_len=td.max_model_len,
             synthetic=spec is not None and spec.verification == "synthetic",
+            draft_length=build_draft_length_policy(spec),
+            overlap=spec is not None and spec.overlap,
         )
         name = cfg.server.served_model_name or default_model_name(cfg)
         return AsyncEngine(
@@ -189,6 +193,13 @@ class Router:
         if kind == "propose":
             assert self.drafter is not None
             return await self.drafter.propose(*args)
+        if kind == "overlap":
+            # NOTE: the target verifies round r while the drafter drafts round r + 1.
+            assert self.drafter is not None
+            items_v, items_p, mode = args
+            return await asyncio.gather(
+                self.target.verify(items_v), self.drafter.propose(items_p, mode)
+            )
         calls = [self.target.release(*args)]
         if self.drafter is not None:
             calls.append(self.drafter.release(*args))

@@ -70,6 +70,10 @@ class Sequence:
     draft_len: int = 0
     # Target hidden rows for token_ids[draft_len:] (see workers/protocol.py), opaque here.
     pending_hidden: object | None = None
+    # With overlap: drafts for the next round, drafted while the target verified this one on the
+    # assumption that every draft and the drafter's guess of the bonus token would be confirmed.
+    prepared_draft_ids: list[int] | None = None
+    prepared_draft_probs: object | None = None  # [n, V] q of the prepared drafts when sampled
     stats: SpecStats = field(default_factory=SpecStats)
     # detokenizer state
     text: str = ""

@@ -30,6 +30,47 @@ VerificationMode = Literal["strict", "probabilistic", "synthetic"]
 NGRAM_DEFAULT_LOOKUP = 5
 
 
+class GoodputConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Priors and memory of ``draft_length_policy: goodput`` (cluster/draft_length.py)."""
+
+    # Target call: verify_base_s + verify_per_token_s * (query tokens in the batch).
+    verify_base_s: float = 0.01
+    verify_per_token_s: float = 5e-5
+    # Drafter call: draft_base_s + draft_per_step_s * k + draft_per_token_s * (k * batch).
+    draft_base_s: float = 0.001
+    draft_per_step_s: float = 0.001
+    draft_per_token_s: float = 1e-5
+    # Conditional acceptance per draft position before any is measured.
+    acceptance_prior: float = 0.6
+    # How many observations the priors are worth, and the forgetting factor per observation.
+    prior_weight: float = 4.0
+    decay: float = 0.98
+    # Every this many rounds try another k so the model stays measured; 0 = never.
+    probe_interval: int = 64
+
+    def validate(self, where: str = "speculative.goodput") -> None:
+        for name in (
+            "verify_base_s",
+            "verify_per_token_s",
+            "draft_base_s",
+            "draft_per_step_s",
+            "draft_per_token_s",
+        ):
+            value = getattr(self, name)
+            if not value >= 0.0:
+                raise ConfigError(f"`{where}.{name}` must be >= 0, got {value}")
+        if not 0.0 <= self.acceptance_prior <= 1.0:
+            raise ConfigError(
+                f"`{where}.acceptance_prior` must be in [0, 1], got {self.acceptance_prior}"
+            )
+        if not self.prior_weight > 0.0:
+            raise ConfigError(f"`{where}.prior_weight` must be > 0, got {self.prior_weight}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ConfigError(f"`{where}.decay` must be in (0, 1], got {self.decay}")
+        if self.probe_interval < 0:
+            raise ConfigError(f"`{where}.probe_interval` must be >= 0, got {self.probe_interval}")
+
+
 class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # NOTE: method None with a speculators-format `model` takes the method from the checkpoint.
     method: Method | None = None
@@ -54,6 +95,12 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
     synthetic_acceptance_length: float | None = None
     # Draft by sampling from the drafter (and send its probabilities) instead of by argmax.
     draft_sampling: bool = False
+    # fixed: always num_speculative_tokens; goodput: k in [0, num_speculative_tokens] per round
+    # from the batch size, measured acceptance and round costs (0 = plain decoding).
+    draft_length_policy: Literal["fixed", "goodput"] = "fixed"
+    goodput: GoodputConfig = GoodputConfig()
+    # Draft round r + 1 while the target verifies round r (drafters without target hidden states).
+    overlap: bool = False
     max_model_len: int | None = None
     cache: CacheConfig = CacheConfig()
     pool: PoolConfig = PoolConfig()
@@ -82,6 +129,7 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
             if value < 1:
                 raise ConfigError(f"`{where}.{name}` must be >= 1, got {value}")
         self.synthetic_rates(where, resolved=False)
+        self.goodput.validate(f"{where}.goodput")
         self.cache.validate(f"{where}.cache")
         self.pool.validate(f"{where}.pool")
 

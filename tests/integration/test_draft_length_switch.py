@@ -1,0 +1,160 @@
+"""Draft length switched per round (k = 0 is plain decoding) stays lossless for every drafter.
+
+A drafter that sat out rounds (k = 0: not called at all) is caught up from its cursor by the
+next delta, hidden-state rows included; greedy output must equal plain greedy decoding.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from outrider.cluster.config import OutriderConfig
+from outrider.cluster.draft_length import GoodputDraftLength
+from outrider.cluster.llm import LLM
+from outrider.workers.config import CacheConfig, ModelConfig, SamplingParams, WorkerConfig
+from outrider.workers.spec_config import GoodputConfig, SpeculativeConfig
+
+PROMPTS = [
+    [5, 6, 7, 8, 5, 6, 7, 8, 5, 6],
+    [40, 41, 42],
+    [9, 10, 11, 12, 13, 14, 15, 9, 10, 11, 12, 13, 14, 15, 9, 10],
+    [70],
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=29, ignore_eos=True)
+# NOTE: k per round, cycled: off for one and several rounds, back on at other lengths.
+PATTERN = [3, 0, 2, 0, 0, 0, 3, 1, 0, 3, 3, 0, 2]
+
+
+class PatternDraftLength:
+    """Draft lengths from a fixed cycle: drives the switch-off point deterministically."""
+
+    def __init__(self, max_k: int, pattern: Sequence[int]) -> None:
+        self.max_k = max_k
+        self.pattern = list(pattern)
+        self.num_rounds = 0
+
+    def choose(self, num_decode: int, num_other_tokens: int = 0) -> int:
+        k = self.pattern[self.num_rounds % len(self.pattern)]
+        self.num_rounds += 1
+        return k
+
+    def observe_acceptance(self, drafted: Sequence[tuple[int, int]]) -> None:
+        pass
+
+    def observe_verify(self, num_tokens: int, seconds: float) -> None:
+        pass
+
+    def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None:
+        pass
+
+
+def _target(path: object) -> WorkerConfig:
+    return WorkerConfig(
+        model=ModelConfig(path=str(path), dtype="float64"), cache=CacheConfig(block_size=4)
+    )
+
+
+def _plain(path: object) -> list[list[int]]:
+    llm = LLM(OutriderConfig(target=_target(path)))
+    return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+def _check_switching(llm: LLM, plain: list[list[int]]) -> None:
+    llm.engine.policy = PatternDraftLength(3, PATTERN)
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == plain
+    by_k = llm.engine.stats.rounds_by_k
+    assert by_k.get(0, 0) >= 5 and sum(n for k, n in by_k.items() if k > 0) >= 5, by_k
+    stats = llm.engine.stats.spec
+    assert stats.num_drafts > 0 and stats.num_accepted_tokens > 0
+    assert llm.runner.kv.num_used_blocks == 0
+
+
+def _eagle3_helpers() -> ModuleType:
+    path = Path(__file__).with_name("test_eagle3.py")
+    spec = importlib.util.spec_from_file_location("outrider_eagle3_test_helpers", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ngram(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    path, _ = tiny_model("llama")
+    spec = SpeculativeConfig(
+        method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3
+    )
+    _check_switching(LLM(OutriderConfig(target=_target(path), speculative=spec)), _plain(path))
+
+
+@pytest.mark.parametrize("drafter", ["self", "dense"])
+def test_draft_model(drafter: str, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    path, _ = tiny_model("llama")
+    draft = path if drafter == "self" else tiny_model("qwen3", seed=5)[0]
+    spec = SpeculativeConfig(
+        method="draft_model",
+        model=str(draft),
+        num_speculative_tokens=3,
+        cache=CacheConfig(block_size=4),
+    )
+    _check_switching(LLM(OutriderConfig(target=_target(path), speculative=spec)), _plain(path))
+
+
+@pytest.mark.parametrize("method", ["eagle3", "peagle"])
+def test_eagle3_family(method: str, tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Hidden-state rows of the skipped rounds reach the drafter with its catch-up delta."""
+    helpers = _eagle3_helpers()
+    _, base = tiny_model("llama")
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(0.01)
+    target = tmp_path / "target"
+    model.save_pretrained(target)
+    cfg = helpers.layer_config("llama", num_key_value_heads=4, attention_bias=True, rope_theta=2.0)
+    peagle = method == "peagle"
+    tensors = helpers.tracking_tensors(model, cfg, peagle=peagle)
+    if peagle:
+        tensors["embed_tokens.weight"] = model.state_dict()["model.embed_tokens.weight"]
+    extra = {"norm_before_residual": False} if peagle else {}
+    ckpt = helpers.write_checkpoint(
+        tmp_path / method,
+        tensors,
+        cfg,
+        model_type=method,
+        aux_ids=[1, 3],
+        dtype=torch.float64,
+        **extra,
+    )
+    spec = SpeculativeConfig(model=str(ckpt), num_speculative_tokens=3)
+    llm = LLM(OutriderConfig(target=_target(target), speculative=spec))
+    assert llm.drafter is not None and llm.drafter.capabilities.needs_target_hidden_states
+    _check_switching(llm, _plain(target))
+
+
+def test_goodput_policy_switches_off_and_probes(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """The real policy: no acceptance expected, so plain decoding, with probes that draft."""
+    path, _ = tiny_model("llama")
+    spec = SpeculativeConfig(
+        method="draft_model",
+        model=str(tiny_model("qwen3", seed=5)[0]),
+        num_speculative_tokens=3,
+        draft_length_policy="goodput",
+        goodput=GoodputConfig(acceptance_prior=0.0, prior_weight=1e6, probe_interval=3),
+    )
+    llm = LLM(OutriderConfig(target=_target(path), speculative=spec))
+    assert isinstance(llm.engine.policy, GoodputDraftLength)
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == _plain(path)
+    by_k = llm.engine.stats.rounds_by_k
+    probes = sum(n for k, n in by_k.items() if k > 0)
+    assert by_k.get(0, 0) > probes > 0 and probes <= sum(by_k.values()) // 3 + 1, by_k
+    assert llm.engine.stats.spec.num_drafts > 0
