@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_generate(sub)
     import outrider.cluster.bench  # noqa: F401
+    import outrider.cluster.bench_kernels  # noqa: F401
     from outrider.cluster.serve import add_serve_parser
 
     add_serve_parser(sub)
