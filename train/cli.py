@@ -36,6 +36,8 @@ _FLAGS: dict[str, tuple[str, ...]] = {
     "max_seq_len": ("optim", "max_seq_len"),
     "checkpoint_every": ("optim", "checkpoint_every"),
     "seed": ("optim", "seed"),
+    "max_train_seconds": ("optim", "max_seconds"),
+    "max_data_seconds": ("data", "max_seconds"),
     "eval_prompts": ("eval_prompts",),
     "eval_max_tokens": ("eval_max_tokens",),
 }
@@ -66,6 +68,8 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--max-train-seconds", type=float, help="stop training (and export) after")
+    p.add_argument("--max-data-seconds", type=float, help="stop answering prompts after")
     p.add_argument("--eval-prompts", type=int, help="held-out prompts to evaluate on (0: skip)")
     p.add_argument("--eval-max-tokens", type=int)
     p.add_argument("--no-progress", action="store_true")

@@ -28,8 +28,12 @@ class DataConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     temperature: float = 0.8
     max_num_seqs: int = 64
     seed: int = 0
+    # NOTE: answering stops after this many seconds (the prompts answered so far are kept).
+    max_seconds: float | None = None
 
     def validate(self) -> None:
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"`data.max_seconds` must be > 0, got {self.max_seconds}")
         if self.num_prompts < 0:
             raise ConfigError(f"`data.num_prompts` must be >= 0, got {self.num_prompts}")
         for name in ("max_prompt_tokens", "max_new_tokens", "max_num_seqs"):
@@ -82,8 +86,12 @@ class OptimConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     dflash_anchors: int = 64  # anchors per sequence per step
     checkpoint_every: int = 200
     seed: int = 0
+    # NOTE: training stops (checkpointed and exported) after this many seconds of this run.
+    max_seconds: float | None = None
 
     def validate(self) -> None:
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"`optim.max_seconds` must be > 0, got {self.max_seconds}")
         for name in ("steps", "batch_size", "max_seq_len", "checkpoint_every", "dflash_anchors"):
             value = getattr(self, name)
             if value <= 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,9 +151,9 @@ def magpie_prompts(
     stops = _end_of_turn_ids(llm)
     prefixes = {t: pre_query_ids(llm.tokenizer, MAGPIE_SYSTEM.format(topic=t)) for t in topics}
     out: list[PromptSpec] = []
+    need = chosen
     attempt = 0
-    while len(out) < num_prompts and attempt < 4:
-        need = chosen[len(out) :]
+    while need and attempt < 4:
         params = [
             SamplingParams(
                 temperature=1.0,
@@ -164,11 +165,15 @@ def magpie_prompts(
             for i in range(len(need))
         ]
         results = llm.generate([prefixes[t] for t in need], params)
+        retry: list[str] = []
         for topic, res in zip(need, results, strict=True):
             text = res.text.strip()
-            # NOTE: a prompt cut by max_tokens or too short to be a question is dropped.
+            # NOTE: a prompt cut by max_tokens or too short to be a question is written again.
             if res.finish_reason == "stop" and len(text) >= 12:
                 out.append(PromptSpec(text, topic))
+            else:
+                retry.append(topic)
+        need = retry
         attempt += 1
     return out
 
@@ -222,12 +227,20 @@ def respond(llm: LLM, prompts: Sequence[PromptSpec], cfg: DataConfig, *, seed: i
         for i, g in enumerate(greedy)
     ]
     ids = [llm.encode(p.text, chat=True) for p in prompts]
-    results = llm.generate(ids, params)
-    return [
-        Sample(res.prompt_token_ids, res.token_ids, p.text, p.topic, g)
-        for p, res, g in zip(prompts, results, greedy, strict=True)
-        if res.token_ids
-    ]
+    out: list[Sample] = []
+    t0 = time.perf_counter()
+    chunk = max(cfg.max_num_seqs * 2, 1)
+    for lo in range(0, len(prompts), chunk):
+        if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
+            break
+        hi = lo + chunk
+        results = llm.generate(ids[lo:hi], params[lo:hi])
+        out += [
+            Sample(res.prompt_token_ids, res.token_ids, p.text, p.topic, g)
+            for p, res, g in zip(prompts[lo:hi], results, greedy[lo:hi], strict=True)
+            if res.token_ids
+        ]
+    return out
 
 
 def build_samples(

@@ -239,7 +239,16 @@ class DrafterTrainer:
         t_start = time.perf_counter() - state.seconds
         window: list[StepResult] = []
         model.train()
+        run_start = time.perf_counter()
         while state.step < cfg.optim.steps:
+            if (
+                cfg.optim.max_seconds is not None
+                and time.perf_counter() - run_start > cfg.optim.max_seconds
+            ):
+                logger.info("%s: time budget reached at step %d", cfg.method, state.step)
+                state.seconds = time.perf_counter() - t_start
+                self._checkpoint(model, opt, state)
+                break
             lr = self._lr(state.step)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -257,6 +266,16 @@ class DrafterTrainer:
                 state.log.append(row)
                 window = []
                 bar.set_postfix(loss=f"{row.loss:.3f}", al=f"{row.acceptance_length:.2f}")
+                if not self.progress and state.step % (LOG_EVERY * 10) == 0:
+                    logger.info(
+                        "%s step %d loss %.4f acc %s al %.3f (%.0f s)",
+                        cfg.method,
+                        row.step,
+                        row.loss,
+                        [round(a, 3) for a in row.accuracy],
+                        row.acceptance_length,
+                        row.seconds,
+                    )
             bar.update(1)
             if state.step % cfg.optim.checkpoint_every == 0 or state.step == cfg.optim.steps:
                 state.seconds = time.perf_counter() - t_start
@@ -315,6 +334,8 @@ class DrafterTrainer:
         d = msgspec.to_builtins(self.cfg)
         d["optim"].pop("steps", None)
         d["optim"].pop("checkpoint_every", None)
+        d["optim"].pop("max_seconds", None)
+        d["data"].pop("max_seconds", None)
         for k in ("eval_prompts", "eval_max_tokens", "device", "out", "data_dir"):
             d.pop(k, None)
         return d
