@@ -192,10 +192,10 @@ def bench_moe(
 
 
 def _cfg_label(c: Any) -> str:
-    """MoeTileConfig as ``m16 up16x256 down16x256 w4 s3 pair``."""
+    """MoeTileConfig as ``m16 up16x256 down16x512 w4 s3/4 pair``."""
     return (
         f"m{c.block_m} up{c.block_n1}x{c.block_k1} down{c.block_n2}x{c.block_k2} "
-        f"w{c.num_warps} s{c.num_stages} {'pair' if c.pair_major else 'grouped'}"
+        f"w{c.num_warps} s{c.stages1}/{c.stages2} {'pair' if c.pair_major else 'grouped'}"
     )
 
 
@@ -204,20 +204,23 @@ def _sweep_configs(num_tokens: int, top_k: int) -> list[Any]:
     from outrider.kernels.moe.triton_moe import MoeTileConfig as C
 
     pair = [
-        C(16, 16, 256, 16, 256, 4, 3, True),
-        C(16, 16, 128, 16, 128, 4, 4, True),
-        C(16, 32, 128, 16, 256, 4, 4, True),
-        C(16, 16, 512, 16, 256, 4, 3, True),
-        C(16, 16, 256, 32, 256, 4, 3, True),
-        C(16, 16, 256, 16, 256, 2, 4, True),
+        C(16, 16, 256, 16, 256, 4, 3, 8, True),
+        C(16, 16, 256, 16, 256, 4, 3, 4, True),
+        C(16, 16, 128, 16, 128, 4, 4, 8, True),
+        C(16, 32, 128, 32, 256, 4, 4, 6, True),
+        C(16, 16, 512, 16, 256, 4, 2, 6, True),
+        C(16, 16, 256, 32, 256, 4, 3, 6, True),
+        C(16, 16, 256, 16, 256, 2, 4, 8, True),
+        C(16, 16, 256, 16, 256, 8, 3, 8, True),
     ]
     grouped = [
-        C(16, 16, 256, 32, 256, 4, 3, False),
-        C(16, 32, 128, 64, 128, 4, 4, False),
-        C(16, 32, 256, 32, 256, 4, 3, False),
-        C(16, 64, 128, 64, 128, 4, 3, False),
-        C(16, 64, 128, 128, 64, 4, 4, False),
-        C(32, 64, 128, 64, 128, 4, 3, False),
+        C(16, 16, 256, 32, 256, 4, 3, 3, False),
+        C(16, 32, 128, 64, 128, 4, 4, 4, False),
+        C(16, 32, 256, 32, 256, 4, 3, 3, False),
+        C(16, 64, 128, 64, 128, 4, 3, 3, False),
+        C(16, 64, 128, 128, 64, 4, 4, 4, False),
+        C(16, 32, 128, 64, 128, 8, 5, 5, False),
+        C(32, 64, 128, 64, 128, 4, 3, 3, False),
     ]
     return (pair if num_tokens * top_k <= 64 else []) + grouped
 

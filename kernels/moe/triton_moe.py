@@ -56,27 +56,50 @@ class MoeTileConfig:
     block_n2: int  # down: columns of H per program
     block_k2: int  # down: K step over I
     num_warps: int
-    num_stages: int
+    stages1: int  # software-pipeline depth of the gate/up GEMM
+    stages2: int  # and of the down GEMM
     pair_major: bool  # one program per pair, down GEMM sums each token's top k
 
 
-# NOTE: sm_90 starting points for bf16/fp16 weights, by pairs per expert (T*k/E); the small
-# tiles give every SM several programs' worth of loads in flight at decode sizes, the large
-# ones are tensor-core tiles for prefill. benchmarks/gpu_moe.py --sweep compares alternatives.
-_HALF_TABLE: tuple[tuple[float, MoeTileConfig], ...] = (
-    (16, MoeTileConfig(16, 32, 128, 64, 128, 4, 4, False)),
-    (48, MoeTileConfig(32, 64, 128, 64, 128, 4, 3, False)),
-    (128, MoeTileConfig(64, 64, 64, 64, 64, 4, 4, False)),
-    (float("inf"), MoeTileConfig(128, 64, 64, 128, 64, 8, 3, False)),
-)
-_PAIR_MAJOR = MoeTileConfig(16, 16, 256, 16, 256, 4, 3, True)
+# NOTE: sm_90 starting points (benchmarks/gpu_moe.py --sweep times alternatives). At decode
+# sizes the kernels stream weights: tiles are narrow in N so every SM runs several programs,
+# and long in K with enough stages to keep tens of KB of loads in flight per SM. The pair-major
+# down GEMM runs one program per (token, 16 columns), 128 programs at H = 2048, so each carries
+# a deep pipeline (its activation row is broadcast from registers: the buffers hold weights
+# only). Prefill-size batches get tensor-core tiles. K steps shrink to divide H and I.
 _PAIR_MAJOR_MAX_PAIRS = 16
+_PAIR_MAJOR = {
+    False: MoeTileConfig(16, 16, 256, 16, 256, 4, 3, 8, True),
+    True: MoeTileConfig(16, 16, 512, 16, 512, 4, 3, 8, True),  # fp8 weights
+}
+# Grouped schedule by pairs per expert (T*k/E); fp8 doubles the K steps up to block_m 32.
+_GROUPED = (
+    (16, MoeTileConfig(16, 32, 128, 64, 128, 4, 4, 4, False)),
+    (48, MoeTileConfig(32, 64, 128, 64, 128, 4, 3, 3, False)),
+    (128, MoeTileConfig(64, 64, 64, 64, 64, 4, 4, 4, False)),
+    (float("inf"), MoeTileConfig(128, 64, 64, 128, 64, 8, 3, 3, False)),
+)
 # NOTE: float32 (exact "ieee" dots on FMA units; the test and interpreter path) keeps tiles small.
-_FLOAT32 = MoeTileConfig(16, 32, 32, 32, 32, 4, 2, False)
+_FLOAT32 = MoeTileConfig(16, 32, 32, 32, 32, 4, 2, 2, False)
+
+
+def _fit_k(block_k: int, k: int) -> int:
+    """The largest power-of-two step <= block_k (and >= 32) that divides k, else block_k:
+    unmasked K loads stay 16-byte vectors."""
+    step = block_k
+    while step > 32 and k % step:
+        step //= 2
+    return step if k % step == 0 else block_k
 
 
 def tile_config(
-    num_tokens: int, top_k: int, num_experts: int, dtype: torch.dtype, fp8: bool
+    num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    hidden: int,
+    inter: int,
+    dtype: torch.dtype,
+    fp8: bool,
 ) -> MoeTileConfig:
     """The tiles and schedule for a batch of ``num_tokens`` (host integers only)."""
     num_pairs = num_tokens * top_k
@@ -84,14 +107,13 @@ def tile_config(
     if dtype == torch.float32:
         return replace(_FLOAT32, pair_major=pair_major)
     if pair_major:
-        cfg = _PAIR_MAJOR
+        cfg = _PAIR_MAJOR[fp8]
     else:
         per_expert = num_pairs / num_experts
-        cfg = next(c for bound, c in _HALF_TABLE if per_expert <= bound)
-    if fp8 and cfg.block_m <= 32:
-        # NOTE: fp8 tiles are half the bytes; a longer K step keeps the bytes per stage.
-        cfg = replace(cfg, block_k1=2 * cfg.block_k1)
-    return cfg
+        cfg = next(c for bound, c in _GROUPED if per_expert <= bound)
+        if fp8 and cfg.block_m <= 32:
+            cfg = replace(cfg, block_k1=2 * cfg.block_k1, block_k2=2 * cfg.block_k2)
+    return replace(cfg, block_k1=_fit_k(cfg.block_k1, hidden), block_k2=_fit_k(cfg.block_k2, inter))
 
 
 @triton.jit
@@ -137,27 +159,39 @@ def _gate_up_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
     offs_k = tl.arange(0, BLOCK_K)
+    # NOTE: pair-major reads its one row as a vector and broadcasts it into the tile, so the
+    # pipeline buffers hold weights only.
     x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
+    x_row = x_ptr + (pid_m // TOP_K).to(tl.int64) * stride_xt + offs_k  # [BK]
     g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
     u_ptrs = g_ptrs + inter * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
+        k_ok = offs_k < hidden - k0
         if EVEN_K:
-            a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
             g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
         else:
-            k_ok = offs_k < hidden - k0
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if PAIR_MAJOR:
+            if EVEN_K:
+                a_row = tl.load(x_row)  # [BK]
+            else:
+                a_row = tl.load(x_row, mask=k_ok, other=0.0)
+            a = tl.where(row_ok[:, None], a_row[None, :], 0.0).to(a_row.dtype)
+        elif EVEN_K:
+            a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if FP8:
             g = g.to(a.dtype)
             u = u.to(a.dtype)
         acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PREC)
         x_ptrs += BLOCK_K
+        x_row += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
     if FP8:
@@ -286,15 +320,19 @@ def _down_combine_kernel(
         k0 = (it - j * num_k) * BLOCK_K
         pair = t * TOP_K + j
         expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
-        a_ptrs = act_ptr + pair * stride_at + k0 + offs_m[:, None] * 0 + offs_k[None, :]
         w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None]
+        k_ok = offs_k < inter - k0
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
         else:
-            k_ok = offs_k < inter - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        # NOTE: the pair's activation row as a vector, broadcast into row 0 of the tile.
+        a_ptrs = act_ptr + pair * stride_at + k0 + offs_k  # [BK]
+        if EVEN_K:
+            a_row = tl.load(a_ptrs)
+        else:
+            a_row = tl.load(a_ptrs, mask=k_ok, other=0.0)
+        a = tl.where(row_ok[:, None], a_row[None, :], 0.0).to(a_row.dtype)  # [BM, BK]
         if FP8:
             w = w.to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
@@ -347,6 +385,8 @@ def _check(
             )
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"fp8 weights need bf16/fp16/fp32 activations, got {x.dtype}")
+        if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9):
+            raise ValueError("fp8 (e4m3) weights need compute capability 8.9 or newer")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"`topk_ids` must be [T, k] with T = {x.shape[0]}")
 
@@ -377,7 +417,7 @@ def fused_moe(
     if num_tokens == 0:
         return out
     fp8 = w13_scale is not None
-    cfg = config or tile_config(num_tokens, top_k, num_experts, x.dtype, fp8)
+    cfg = config or tile_config(num_tokens, top_k, num_experts, hidden, inter, x.dtype, fp8)
     if x.stride(-1) != 1:
         x = x.contiguous()
     ids = topk_ids.contiguous()  # [T, k]
@@ -387,10 +427,7 @@ def fused_moe(
     num_pairs = num_tokens * top_k
     act = torch.empty((num_pairs, inter), dtype=x.dtype, device=dev)  # [T*k, I]
     common = dict(
-        FP8=fp8,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        FP8=fp8, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps
     )
     if cfg.pair_major:
         sorted_ids, block_experts, n_blocks = ids, ids, num_pairs
@@ -418,6 +455,7 @@ def fused_moe(
         BLOCK_K=cfg.block_k1,
         PAIR_MAJOR=cfg.pair_major,
         EVEN_K=hidden % cfg.block_k1 == 0,
+        num_stages=cfg.stages1,
         **common,
     )
     if cfg.pair_major:
@@ -440,6 +478,7 @@ def fused_moe(
             BLOCK_N=cfg.block_n2,
             BLOCK_K=cfg.block_k2,
             EVEN_K=inter % cfg.block_k2 == 0,
+            num_stages=cfg.stages2,
             **common,
         )
         return out
@@ -464,6 +503,7 @@ def fused_moe(
         BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2,
         EVEN_K=inter % cfg.block_k2 == 0,
+        num_stages=cfg.stages2,
         **common,
     )
     _combine_kernel[(num_tokens, triton.cdiv(hidden, _COMBINE_BLOCK_H))](

@@ -146,16 +146,16 @@ def config_id(c: MoeTileConfig | None) -> str:
 
 # Forced schedules and tiles: several N tiles and K steps per program, ragged K tails.
 if INTERPRET:
-    FORCED = [MoeTileConfig(16, 16, 16, 16, 16, 4, 2, pm) for pm in (False, True)]
+    FORCED = [MoeTileConfig(16, 16, 16, 16, 16, 4, 2, 2, pm) for pm in (False, True)]
     FORCED_ROUTES = [(5, 8, 2), (12, 4, 3)]
 else:
     FORCED = [
-        MoeTileConfig(16, 16, 32, 16, 32, 4, 2, True),
-        MoeTileConfig(16, 16, 256, 16, 256, 4, 3, True),
-        MoeTileConfig(16, 32, 64, 32, 64, 4, 3, False),
-        MoeTileConfig(32, 64, 128, 64, 128, 4, 3, False),
-        MoeTileConfig(64, 64, 64, 64, 64, 4, 4, False),
-        MoeTileConfig(128, 64, 64, 128, 64, 8, 3, False),
+        MoeTileConfig(16, 16, 32, 16, 32, 4, 2, 2, True),
+        MoeTileConfig(16, 16, 256, 16, 256, 4, 3, 8, True),
+        MoeTileConfig(16, 32, 64, 32, 64, 4, 3, 3, False),
+        MoeTileConfig(32, 64, 128, 64, 128, 4, 3, 3, False),
+        MoeTileConfig(64, 64, 64, 64, 64, 4, 4, 4, False),
+        MoeTileConfig(128, 64, 64, 128, 64, 8, 3, 3, False),
     ]
     FORCED_ROUTES = [(1, 16, 4), (37, 16, 4), (300, 8, 2)]
 
@@ -249,7 +249,7 @@ def test_align_matches_reference_exactly(
 def test_output_is_deterministic(pair_major: bool, gen: torch.Generator) -> None:
     t = 3 if pair_major else 40
     case = make_case(gen, t, 8, 4, *SHAPES[-1], HALF)
-    assert tile_config(t, 4, 8, HALF, fp8=False).pair_major == pair_major
+    assert tile_config(t, 4, 8, *SHAPES[-1], HALF, fp8=False).pair_major == pair_major
     first, second = run(case), run(case)
     assert torch.equal(first, second)
 
