@@ -104,6 +104,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--verify-tokens", type=int, default=5, help="query tokens of a verify step (k + 1)"
     )
     p.add_argument("--parts", type=_csv("part", PARTS), default=list(PARTS), help=",".join(PARTS))
+    p.add_argument("--attention-backend", default="auto", help="registry name (default: auto)")
+    p.add_argument("--moe-backend", default="auto", help="registry name (default: auto)")
     p.add_argument("--model-shape", choices=names, default="llama8b")
     p.add_argument("--model-batch-sizes", type=_positive_ints, default=[1])
     p.add_argument("--seed", type=int, default=0)
@@ -445,11 +447,14 @@ def bench_model(
     context: int,
     q_verify: int,
     seed: int = 0,
+    attention_backend: str = "auto",
+    moe_backend: str = "auto",
 ) -> list[Row]:
     """The full step (forward + logits) through ModelRunner with its CUDA graphs."""
     import torch
 
     from outrider.workers.config import CacheConfig, KernelConfig, ModelConfig, WorkerConfig
+    from outrider.workers.cuda_graph import graph_blockers
     from outrider.workers.models.random_init import random_builder
     from outrider.workers.protocol import Delta
     from outrider.workers.runner import ModelRunner
@@ -458,7 +463,9 @@ def bench_model(
     cfg = WorkerConfig(
         model=ModelConfig(dtype="bfloat16", max_model_len=per_seq * BLOCK_SIZE),
         kernels=KernelConfig(
-            cuda_graph_batch_sizes=tuple(sorted(set(batch_sizes))),
+            attention_backend=attention_backend,  # type: ignore[arg-type]
+            moe_backend=moe_backend,  # type: ignore[arg-type]
+            cuda_graph_batch_sizes=sorted(set(batch_sizes)),
             cuda_graph_max_query_len=q_verify,
         ),
         cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=max(batch_sizes) * per_seq),
@@ -466,7 +473,9 @@ def bench_model(
     )
     runner = ModelRunner(cfg, group="target", build=random_builder(config, seed=seed))
     gr = runner.graph_runner
-    note = "" if gr is not None else "CUDA graphs off (a backend is not graph-safe)"
+    note = ""
+    if gr is None:
+        note = "graphs off: " + "; ".join(graph_blockers(runner.model, runner.attn_backend))
     runner.capture_cuda_graphs([1, q_verify])
     rows: list[Row] = []
     for b in batch_sizes:
@@ -545,7 +554,7 @@ def run_parts(
         shape = ModelShape.from_config(name, shapes[name])
         rows += bench_model(
             dev, shape, shapes[name], args.model_batch_sizes, args.context, args.verify_tokens,
-            args.seed,
+            args.seed, attention_backend, moe_backend,
         )  # fmt: skip
     return rows
 
@@ -562,8 +571,8 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     cuda = torch.device("cuda")
     dev = Device(torch.cuda.get_device_name(cuda), copy_bandwidth(), matmul_rate(), cuda)
-    attn = registry.resolve("attention", "auto", cuda, torch.bfloat16)
-    moe = registry.resolve("moe", "auto", cuda, torch.bfloat16)
+    attn = registry.resolve("attention", args.attention_backend, cuda, torch.bfloat16)
+    moe = registry.resolve("moe", args.moe_backend, cuda, torch.bfloat16)
     print(f"device {dev.name}; torch {torch.__version__}; attention {attn}, moe {moe}")
     print(
         f"copy bandwidth {dev.bandwidth / 1e9:.0f} GB/s (read + write, 1 GiB copy); "

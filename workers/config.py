@@ -59,7 +59,9 @@ class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # set (vLLM's name); CPUs always run eagerly.
     enforce_eager: bool = False
     # A step of n sequences is padded to the smallest of these sizes that holds it.
-    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    cuda_graph_batch_sizes: list[int] = msgspec.field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64]
+    )
     # Steps with up to this many query tokens per sequence (verify: num_speculative_tokens + 1).
     cuda_graph_max_query_len: int = 17
 

@@ -63,7 +63,7 @@ def _runner(path: Path, *, graphs: bool, backend: str = "triton") -> ModelRunner
     kernels = KernelConfig(
         attention_backend="torch" if INTERPRET else backend,  # type: ignore[arg-type]
         enforce_eager=not graphs,
-        cuda_graph_batch_sizes=SIZES,
+        cuda_graph_batch_sizes=list(SIZES),
         cuda_graph_max_query_len=8,
     )
     cfg = WorkerConfig(

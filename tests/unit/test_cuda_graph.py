@@ -67,11 +67,11 @@ def test_padded_batch_size() -> None:
 def test_kernel_config_validation() -> None:
     KernelConfig().validate()
     with pytest.raises(ConfigError, match=r"`target.kernels.cuda_graph_batch_sizes` must be >= 1"):
-        KernelConfig(cuda_graph_batch_sizes=(1, 0)).validate("target.kernels")
+        KernelConfig(cuda_graph_batch_sizes=[1, 0]).validate("target.kernels")
     with pytest.raises(ConfigError, match="must not be empty"):
-        KernelConfig(cuda_graph_batch_sizes=()).validate()
+        KernelConfig(cuda_graph_batch_sizes=[]).validate()
     with pytest.raises(ConfigError, match="must not repeat"):
-        KernelConfig(cuda_graph_batch_sizes=(2, 2)).validate()
+        KernelConfig(cuda_graph_batch_sizes=[2, 2]).validate()
     with pytest.raises(ConfigError, match=r"cuda_graph_max_query_len` must be in \[1, 33\], got 0"):
         KernelConfig(cuda_graph_max_query_len=0).validate()
 
