@@ -178,6 +178,11 @@ def bench_moe(
         del g
     else:
         ms = _bench_ms(lambda: [call(i) for i in range(sets)]) / sets
+    table_config = None
+    if backend == "triton":
+        from outrider.kernels.moe.triton_moe import tile_config
+
+        table_config = "table " + _cfg_label(tile_config(T, top_k, E, H, I, dtype, quant == "fp8"))
     bw = copy_bandwidth()
     floor_us = active_bytes / bw * 1e6
     us = ms * 1e3
@@ -187,7 +192,7 @@ def bench_moe(
         us=us, floor_us=floor_us, ratio=us / floor_us if floor_us > 0 else float("nan"),
         active_bytes=active_bytes, unique_experts=sum(unique) / sets,
         bandwidth_gbs=bw / 1e9, graph=graph, sets=sets, layers=layers, rel_err=rel_err,
-        config=None if config is None else _cfg_label(config),
+        config=_cfg_label(config) if config is not None else table_config,
     )  # fmt: skip
 
 

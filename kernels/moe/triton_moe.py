@@ -20,7 +20,8 @@ are sorted by expert into blocks of ``BLOCK_M`` rows (``triton_routing.align_blo
 each block's weight tile is read once for up to ``BLOCK_M`` pairs. Pair-major (a few tokens):
 each gate/up program serves one pair (no alignment launch) and the down GEMM sums the top k per
 token; an expert shared by two pairs is read twice (from L2 when the programs run together),
-which the table only allows when pairs rarely share experts.
+so the table picks it for one token (whose k experts are distinct) or for at most 16 pairs over
+at least eight times as many experts.
 
 At decode sizes this is weight streaming: every hit expert's ``3·H·I`` weights are read once,
 and the tiles are chosen to keep enough loads in flight on every SM (``tile_config``). All grid
@@ -103,7 +104,10 @@ def tile_config(
 ) -> MoeTileConfig:
     """The tiles and schedule for a batch of ``num_tokens`` (host integers only)."""
     num_pairs = num_tokens * top_k
-    pair_major = num_pairs <= _PAIR_MAJOR_MAX_PAIRS
+    # NOTE: one token's experts are distinct; a few tokens rarely share one when E >= 8 pairs.
+    pair_major = num_tokens == 1 or (
+        num_pairs <= _PAIR_MAJOR_MAX_PAIRS and 8 * num_pairs <= num_experts
+    )
     if dtype == torch.float32:
         return replace(_FLOAT32, pair_major=pair_major)
     if pair_major:
