@@ -7,6 +7,7 @@ import torch
 
 from outrider.cluster import bench_floors as bf
 from outrider.cluster import bench_kernels as bk
+from outrider.cluster import bench_steps as bs
 from outrider.cluster.cli import build_parser, main
 from outrider.workers.models.random_init import (
     LLAMA_3_1_8B,
@@ -112,11 +113,11 @@ def test_model_cost_at_batch_one() -> None:
 
 
 def test_rows_and_acceptance(capsys: pytest.CaptureFixture[str]) -> None:
-    dev = bk.Device("test", bandwidth=1e12, matmul_rate=1e15)
+    dev = bs.Device("test", bandwidth=1e12, matmul_rate=1e15)
     cost = bf.Cost(bytes=1e9, flops=1e9)
-    decode = bk.make_row(dev, "model", LLAMA, 1, 1, 4096, 1.2, cost, True, eager_ms=2.0)
+    decode = bs.make_row(dev, "model", LLAMA, 1, 1, 4096, 1.2, cost, True, eager_ms=2.0)
     assert decode.floor_ms == pytest.approx(1.0) and decode.ratio == pytest.approx(1.2)
-    verify = bk.make_row(dev, "model", LLAMA, 1, 5, 4096, 1.35, cost, True)
+    verify = bs.make_row(dev, "model", LLAMA, 1, 5, 4096, 1.35, cost, True)
     out = capsys.readouterr().out
     assert "x 1.20  graph (eager 2000.0 us)" in out and "floor     1000.0 us (memory )" in out
     lines = bk.acceptance([decode, verify], 5)
@@ -171,7 +172,7 @@ def test_every_part_runs_at_tiny_shapes_on_cpu(capsys: pytest.CaptureFixture[str
         shapes=["llama8b", "qwen3moe"], batch_sizes=[1, 3], context=20, verify_tokens=5,
         parts=list(bk.PARTS), model_shape="llama8b", model_batch_sizes=[1, 2], seed=0,
     )  # fmt: skip
-    dev = bk.Device("cpu", bandwidth=1e10, matmul_rate=1e11, device=torch.device("cpu"))
+    dev = bs.Device("cpu", bandwidth=1e10, matmul_rate=1e11, device=torch.device("cpu"))
     rows = bk.run_parts(dev, shapes, args, "torch", "torch")
     kinds = [(r.part, r.shape, r.batch, r.query_len) for r in rows]
     attention = [(b, q) for b in (1, 3) for q in (1, 5)]
