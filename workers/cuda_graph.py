@@ -96,6 +96,9 @@ class _Graph:
 
 
 class GraphRunner:
+    """Replays (or, with ``capture=False``, runs eagerly) a runner's decode/verify steps on
+    static buffers; one graph per (padded batch size, query length, aux layer ids)."""
+
     def __init__(
         self,
         runner: ModelRunner,
