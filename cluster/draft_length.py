@@ -17,7 +17,8 @@ drafter is not called), so a batch is never predicted slower than without specul
 ``probe_interval`` rounds it tries another k (round robin) so that the fit and the acceptance
 of positions it would not otherwise draft stay measured.
 
-With overlap, a round costs max(verify, ahead draft of k + 1) plus the re-draft that follows a
+With overlap, a round costs max(verify, ahead draft of k + 1) when its driver runs the two
+calls at the same time (their sum when it runs them in turn) plus the re-draft that follows a
 miss: the prepared drafts are used only if all k drafts and the drafter's guess of the bonus
 token are confirmed, which happens with probability about prod_{j <= k + 1} c_j.
 """
@@ -153,10 +154,13 @@ class AcceptanceEstimate:
 
 
 class GoodputDraftLength:
-    def __init__(self, max_k: int, cfg: GoodputConfig, *, overlap: bool = False) -> None:
+    def __init__(
+        self, max_k: int, cfg: GoodputConfig, *, overlap: bool = False, concurrent: bool = True
+    ) -> None:
         self.max_k = max_k
         self.cfg = cfg
         self.overlap = overlap
+        self.concurrent = concurrent  # the driver runs an overlap's two calls at the same time
         self.acceptance = AcceptanceEstimate(
             max_k, prior=cfg.acceptance_prior, weight=cfg.prior_weight, decay=cfg.decay
         )
@@ -200,7 +204,8 @@ class GoodputDraftLength:
         d0, d1, d2 = float(th[0]), max(float(th[1]), 0.0), max(float(th[2]), 0.0)
         miss_any = 1.0 - hit**num_decode
         t_cold = max(miss_any * (d0 + d1 * k) + d2 * k * num_decode * (1.0 - hit), 0.0)
-        return max(t_verify, t_ahead) + t_cold
+        both = max(t_verify, t_ahead) if self.concurrent else t_verify + t_ahead
+        return both + t_cold
 
     def goodput(self, k: int, num_decode: int, num_other_tokens: int = 0) -> float:
         tokens = num_decode * self.expected_tokens(k)
@@ -237,11 +242,14 @@ class GoodputDraftLength:
             self.draft_cost.observe((1.0, float(num_steps), float(num_tokens)), seconds)
 
 
-def build_draft_length_policy(spec: SpeculativeConfig | None) -> DraftLengthPolicy:
+def build_draft_length_policy(
+    spec: SpeculativeConfig | None, *, concurrent: bool = True
+) -> DraftLengthPolicy:
+    """``concurrent``: the round's driver runs the two calls of an overlap at the same time."""
     k = (spec.num_speculative_tokens or 0) if spec is not None else 0
     if spec is None or spec.draft_length_policy == "fixed" or k == 0:
         return FixedDraftLength(k)
-    return GoodputDraftLength(k, spec.goodput, overlap=spec.overlap)
+    return GoodputDraftLength(k, spec.goodput, overlap=spec.overlap, concurrent=concurrent)
 
 
 def lookahead(spec: SpeculativeConfig | None) -> int:

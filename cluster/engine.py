@@ -12,15 +12,17 @@ import logging
 import time
 from collections.abc import Generator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from outrider.cluster.detokenizer import Detokenizer
 from outrider.cluster.draft_length import DraftLengthPolicy, FixedDraftLength
+from outrider.cluster.overlap import ahead_items_for, settle_ahead, take_prepared
+from outrider.cluster.round_stats import EngineStats, RoundTiming
 from outrider.cluster.scheduler import Scheduler
-from outrider.cluster.sequence import SeqStatus, Sequence, SpecStats
+from outrider.cluster.sequence import SeqStatus, Sequence
 from outrider.workers.config import ConfigError, SamplingParams
 from outrider.workers.proposers.base import (
     DrafterCapabilities,
@@ -57,44 +59,6 @@ class StepOutput:
     spec: tuple[int, int] | None = None  # (num_draft, num_accepted) when the round drafted
 
 
-@dataclass
-class RoundTiming:
-    """One round's wall time split into the groups' forward time and the rest (seconds)."""
-
-    k: int = 0  # the longest draft of the round (0 = plain decoding)
-    wall_s: float = 0.0
-    draft_s: float = 0.0  # drafter time (cold and ahead calls)
-    verify_s: float = 0.0
-    # NOTE: wall time minus the forward time on the critical path (overlapped calls count once).
-    overhead_s: float = 0.0
-    overlap_hits: int = 0
-    overlap_misses: int = 0
-
-
-@dataclass
-class EngineStats:
-    spec: SpecStats = field(default_factory=SpecStats)
-    num_rounds: int = 0
-    num_generated_tokens: int = 0
-    num_preemptions: int = 0
-    rounds_by_k: dict[int, int] = field(default_factory=dict)
-    num_overlap_hits: int = 0
-    num_overlap_misses: int = 0
-    wall_s: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    overhead_s: float = 0.0
-
-    def record(self, t: RoundTiming) -> None:
-        self.rounds_by_k[t.k] = self.rounds_by_k.get(t.k, 0) + 1
-        self.num_overlap_hits += t.overlap_hits
-        self.num_overlap_misses += t.overlap_misses
-        self.wall_s += t.wall_s
-        self.draft_s += t.draft_s
-        self.verify_s += t.verify_s
-        self.overhead_s += t.overhead_s
-
-
 class EngineCore:
     def __init__(
         self,
@@ -108,6 +72,7 @@ class EngineCore:
         synthetic: bool = False,
         draft_length: DraftLengthPolicy | None = None,
         overlap: bool = False,
+        concurrent_overlap: bool = False,
     ) -> None:
         self.target = target
         self.drafter = drafter
@@ -126,6 +91,9 @@ class EngineCore:
         self.mode: DraftMode = "parallel" if caps and caps.parallel_drafting else "sequential"
         self.needs_hidden = bool(caps and caps.needs_target_hidden_states)
         self.overlap = overlap and self.k > 0
+        # NOTE: whether the driver runs an overlap's two calls at the same time (the Serve
+        # router does, over gRPC); step() runs them in turn.
+        self.concurrent_overlap = concurrent_overlap
         if self.overlap and self.needs_hidden:
             assert caps is not None
             raise ConfigError(
@@ -166,14 +134,6 @@ class EngineCore:
         room_tokens = seq.params.max_tokens - seq.num_output_tokens - 1
         room_len = self.max_model_len - len(seq.token_ids) - 1
         return max(0, min(k, room_tokens, room_len))
-
-    def _ahead_count(self, seq: Sequence, num_drafts: int, k: int) -> int:
-        """Tokens to draft ahead (the bonus guess + next round's drafts), 0 if not worth it."""
-        outputs = seq.num_output_tokens + num_drafts + 1  # if every draft and the guess hold
-        room_tokens = seq.params.max_tokens - outputs - 1
-        room_len = self.max_model_len - (len(seq.token_ids) + num_drafts + 1) - 1
-        room = min(k, room_tokens, room_len)
-        return 1 + room if room > 0 else 0
 
     def _choose_k(self, seqs: list[Sequence]) -> int:
         if self.k == 0 or self.drafter is None:
@@ -221,7 +181,7 @@ class EngineCore:
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[torch.Tensor | None] = [None for _ in seqs]
         if self.overlap:
-            cold = self._take_prepared(seqs, ks, drafts, probs)
+            cold = take_prepared(seqs, ks, drafts, probs)
         else:
             # NOTE: a sequence whose prefill finished proposes too (its k may be 0): the drafter
             # ingests every confirmed token while drafting is on. With k = 0 for the whole
@@ -254,7 +214,9 @@ class EngineCore:
         ]
         num_tokens = sum(len(it.delta.token_ids) + len(it.draft_token_ids) for it in items_v)
         ahead_idx, ahead_items = (
-            self._ahead_items(seqs, drafts, k) if self.overlap else ([], [])
+            ahead_items_for(seqs, drafts, k, self.max_model_len)
+            if self.overlap and self.drafter is not None
+            else ([], [])
         )
         t0 = time.perf_counter()
         ahead: ProposeResult | None = None
@@ -263,15 +225,18 @@ class EngineCore:
             assert ahead is not None
             dt = time.perf_counter() - t0
             fw_v, fw_a = result.forward_s or dt, ahead.forward_s or dt
-            self.policy.observe_verify(num_tokens, fw_v)
+            # NOTE: the cost model takes call times; each call here is credited its forward
+            # time plus the part of the wall time neither forward explains (the round trip).
+            trip = max(dt - (max(fw_v, fw_a) if self.concurrent_overlap else fw_v + fw_a), 0.0)
+            self.policy.observe_verify(num_tokens, fw_v + trip)
             self.policy.observe_draft(
                 max(it.num_draft for it in ahead_items),
                 sum(it.num_draft for it in ahead_items),
-                fw_a,
+                fw_a + trip,
             )
             timing.verify_s += fw_v
             timing.draft_s += fw_a
-            critical_s += max(fw_v, fw_a)
+            critical_s += max(fw_v, fw_a) if self.concurrent_overlap else fw_v + fw_a
         else:
             result = yield ("verify", (items_v,))
             dt = time.perf_counter() - t0
@@ -282,7 +247,9 @@ class EngineCore:
         lens = [len(s.token_ids) for s in seqs]
         outputs, finished = self._apply(seqs, items_v, result)
         if ahead is not None:
-            self._settle_ahead(seqs, lens, drafts, result, ahead_idx, ahead, timing)
+            timing.overlap_hits, timing.overlap_misses = settle_ahead(
+                seqs, lens, drafts, result, ahead_idx, ahead
+            )
         self.policy.observe_acceptance(
             [
                 (len(it.draft_token_ids), n)
@@ -298,84 +265,6 @@ class EngineCore:
         self.last_timing = timing
         self.stats.record(timing)
         return outputs
-
-    # -- overlap --------------------------------------------------------------------------------
-    def _take_prepared(
-        self,
-        seqs: list[Sequence],
-        ks: list[int],
-        drafts: list[list[int]],
-        probs: list[torch.Tensor | None],
-    ) -> list[int]:
-        """Use the drafts prepared last round; return the sequences that must draft now."""
-        cold = []
-        for i, seq in enumerate(seqs):
-            prepared, prepared_probs = seq.prepared_draft_ids, seq.prepared_draft_probs
-            seq.prepared_draft_ids = seq.prepared_draft_probs = None
-            if ks[i] == 0:
-                continue
-            if prepared:
-                drafts[i] = prepared[: ks[i]]
-                if isinstance(prepared_probs, torch.Tensor):
-                    probs[i] = prepared_probs[: len(drafts[i])]
-            else:
-                cold.append(i)
-        return cold
-
-    def _ahead_items(
-        self, seqs: list[Sequence], drafts: list[list[int]], k: int
-    ) -> tuple[list[int], list[ProposeItem]]:
-        """Propose items that draft round r + 1 from [confirmed tokens, drafts of round r]."""
-        idx: list[int] = []
-        items: list[ProposeItem] = []
-        if k == 0 or self.drafter is None:
-            return idx, items
-        for i, seq in enumerate(seqs):
-            n = self._ahead_count(seq, len(drafts[i]), k)
-            tokens = seq.token_ids[seq.draft_len :] + drafts[i]
-            if n == 0 or not tokens:
-                continue
-            # NOTE: the delta assumes every draft is accepted; its first drafted token is the
-            # drafter's guess of the bonus token, the rest are next round's drafts.
-            delta = Delta(seq.seq_id, seq.draft_len, tokens)
-            items.append(ProposeItem(delta, n, None, seq.params if seq.draft_len == 0 else None))
-            idx.append(i)
-        return idx, items
-
-    def _settle_ahead(
-        self,
-        seqs: list[Sequence],
-        lens: list[int],
-        drafts: list[list[int]],
-        result: VerifyResult,
-        idx: list[int],
-        ahead: ProposeResult,
-        timing: RoundTiming,
-    ) -> None:
-        """Keep the prepared drafts where verification confirmed the assumption (a hit)."""
-        for j, i in enumerate(idx):
-            seq = seqs[i]
-            if seq.is_finished:
-                continue
-            n_acc = result.num_accepted[i]
-            guess = ahead.draft_token_ids[j]
-            new = seq.token_ids[lens[i] :]
-            hit = (
-                n_acc == len(drafts[i])
-                and len(guess) > 1
-                and len(new) == n_acc + 1
-                and new[-1] == guess[0]
-            )
-            # NOTE: the drafter's KV holds the delta tokens it was sent; those up to the first
-            # rejected draft are the true tokens, so its next delta starts there (rollback).
-            seq.draft_len = lens[i] + n_acc
-            if hit:
-                seq.prepared_draft_ids = guess[1:]
-                q = ahead.draft_probs[j] if ahead.draft_probs else None
-                seq.prepared_draft_probs = q[1:] if q is not None else None
-                timing.overlap_hits += 1
-            else:
-                timing.overlap_misses += 1
 
     def _propose(self, items: Seq[ProposeItem], mode: DraftMode) -> ProposeResult:
         assert self.drafter is not None

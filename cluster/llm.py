@@ -113,7 +113,7 @@ class LLM:
             num_speculative_tokens=k,
             max_model_len=self.max_model_len,
             synthetic=self.spec is not None and self.spec.verification == "synthetic",
-            draft_length=build_draft_length_policy(self.spec),
+            draft_length=build_draft_length_policy(self.spec, concurrent=False),
             overlap=self.spec is not None and self.spec.overlap,
         )
 

@@ -172,8 +172,9 @@ class Router:
             num_speculative_tokens=k,
             max_model_len=td.max_model_len,
             synthetic=spec is not None and spec.verification == "synthetic",
-            draft_length=build_draft_length_policy(spec),
+            draft_length=build_draft_length_policy(spec, concurrent=True),
             overlap=spec is not None and spec.overlap,
+            concurrent_overlap=True,
         )
         name = cfg.server.served_model_name or default_model_name(cfg)
         return AsyncEngine(

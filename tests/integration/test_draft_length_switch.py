@@ -86,16 +86,23 @@ def _eagle3_helpers() -> ModuleType:
     return module
 
 
-def test_ngram(tiny_model) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_ngram(overlap: bool, tiny_model) -> None:  # type: ignore[no-untyped-def]
     path, _ = tiny_model("llama")
     spec = SpeculativeConfig(
-        method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3
+        method="ngram",
+        num_speculative_tokens=3,
+        prompt_lookup_min=1,
+        prompt_lookup_max=3,
+        overlap=overlap,
     )
     _check_switching(LLM(OutriderConfig(target=_target(path), speculative=spec)), _plain(path))
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("drafter", ["self", "dense"])
-def test_draft_model(drafter: str, tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_draft_model(drafter: str, overlap: bool, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """With overlap, prepared drafts are cut to a shorter k, or dropped when k goes to 0."""
     path, _ = tiny_model("llama")
     draft = path if drafter == "self" else tiny_model("qwen3", seed=5)[0]
     spec = SpeculativeConfig(
@@ -103,8 +110,12 @@ def test_draft_model(drafter: str, tiny_model) -> None:  # type: ignore[no-untyp
         model=str(draft),
         num_speculative_tokens=3,
         cache=CacheConfig(block_size=4),
+        overlap=overlap,
     )
-    _check_switching(LLM(OutriderConfig(target=_target(path), speculative=spec)), _plain(path))
+    llm = LLM(OutriderConfig(target=_target(path), speculative=spec))
+    _check_switching(llm, _plain(path))
+    if overlap and drafter == "self":
+        assert llm.engine.stats.num_overlap_hits > 0
 
 
 @pytest.mark.parametrize("method", ["eagle3", "peagle"])

@@ -1,4 +1,8 @@
-"""Speculation is lossless: greedy output with any drafter equals target-only greedy output."""
+"""Speculation is lossless: greedy output with any drafter equals target-only greedy output.
+
+Each case also runs the overlapped loop (``overlap=True``): drafts prepared while the target
+verified are used only when every draft and the drafter's bonus guess were confirmed.
+"""
 
 from __future__ import annotations
 
@@ -41,20 +45,43 @@ def plain(tiny_model) -> dict[str, list[list[int]]]:  # type: ignore[no-untyped-
     return out
 
 
+def _check_overlap(llm: LLM, overlap: bool) -> None:
+    stats = llm.engine.stats
+    if overlap:
+        assert stats.num_overlap_hits + stats.num_overlap_misses > 0
+    else:
+        assert stats.num_overlap_hits == stats.num_overlap_misses == 0
+    assert llm.runner.kv.num_used_blocks == 0
+    assert llm.drafter is not None and llm.drafter.kv_usage().get("num_used_blocks", 0) == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("k", [1, 3, 7])
-def test_ngram(k: int, tiny_model, plain) -> None:  # type: ignore[no-untyped-def]
+def test_ngram(k: int, overlap: bool, tiny_model, plain) -> None:  # type: ignore[no-untyped-def]
     path, _ = tiny_model("llama")
     spec = SpeculativeConfig(
-        method="ngram", num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=3
+        method="ngram",
+        num_speculative_tokens=k,
+        prompt_lookup_min=1,
+        prompt_lookup_max=3,
+        overlap=overlap,
     )
     llm = _run(_target(path), spec, SamplingParams(temperature=0, max_tokens=29, ignore_eos=True))
     assert [o.token_ids for o in llm.outputs] == plain["llama"]  # type: ignore[attr-defined]
     assert llm.engine.stats.spec.num_drafts > 0
+    _check_overlap(llm, overlap)
 
 
-@pytest.mark.parametrize("k", [1, 3, 7])
-@pytest.mark.parametrize("drafter", ["self", "dense", "moe"])
-def test_draft_model(k: int, drafter: str, tiny_model, plain) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("k", "drafter", "overlap"),
+    [
+        *[(k, d, False) for k in (1, 3, 7) for d in ("self", "dense", "moe")],
+        *[(k, "self", True) for k in (1, 3, 7)],
+        (3, "dense", True),
+        (3, "moe", True),
+    ],
+)
+def test_draft_model(k: int, drafter: str, overlap: bool, tiny_model, plain) -> None:  # type: ignore[no-untyped-def]
     target_path, _ = tiny_model("llama")
     draft_path = {
         "self": target_path,
@@ -66,6 +93,7 @@ def test_draft_model(k: int, drafter: str, tiny_model, plain) -> None:  # type: 
         model=str(draft_path),
         num_speculative_tokens=k,
         cache=CacheConfig(block_size=4),
+        overlap=overlap,
     )
     llm = _run(
         _target(target_path), spec, SamplingParams(temperature=0, max_tokens=29, ignore_eos=True)
@@ -76,6 +104,10 @@ def test_draft_model(k: int, drafter: str, tiny_model, plain) -> None:  # type: 
     if drafter == "self":
         # the target drafting for itself accepts everything
         assert stats.num_accepted_tokens == stats.num_draft_tokens
+        if overlap:
+            # ... and guesses every bonus token: after the prefill no round drafts in series
+            assert llm.engine.stats.num_overlap_misses == 0
+    _check_overlap(llm, overlap)
 
 
 def test_moe_target_with_dense_drafter(tiny_model, plain) -> None:  # type: ignore[no-untyped-def]
@@ -89,12 +121,15 @@ def test_moe_target_with_dense_drafter(tiny_model, plain) -> None:  # type: igno
     assert [o.token_ids for o in llm.outputs] == plain["qwen3_moe"]  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("cut", ["max_tokens", "stop_token", "eos"])
-def test_cut_inside_accepted_block(cut: str, tiny_model, plain) -> None:  # type: ignore[no-untyped-def]
+def test_cut_inside_accepted_block(cut: str, overlap: bool, tiny_model, plain) -> None:  # type: ignore[no-untyped-def]
     """With the target as its own drafter (k=7) every round accepts 8 tokens; cut mid-block."""
     path, _ = tiny_model("llama")
     ref = plain["llama"]
-    spec = SpeculativeConfig(method="draft_model", model=str(path), num_speculative_tokens=7)
+    spec = SpeculativeConfig(
+        method="draft_model", model=str(path), num_speculative_tokens=7, overlap=overlap
+    )
     if cut == "max_tokens":
         params = [
             SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 10, 13, 1)
@@ -122,4 +157,4 @@ def test_cut_inside_accepted_block(cut: str, tiny_model, plain) -> None:  # type
     for o, w in zip(outs, want, strict=True):
         assert o.finish_reason == ("length" if cut == "max_tokens" else "stop")
         assert len(o.token_ids) == len(w)
-    assert llm.runner.kv.num_used_blocks == 0
+    _check_overlap(llm, overlap)

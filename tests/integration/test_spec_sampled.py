@@ -39,7 +39,9 @@ def _joint(model: torch.nn.Module) -> torch.Tensor:
     return p1[:, None, None] * p2[:, :, None] * p3  # [V, V, V]
 
 
-def _llm(target_path: object, draft_path: object, draft_sampling: bool) -> LLM:
+def _llm(
+    target_path: object, draft_path: object, draft_sampling: bool, overlap: bool = False
+) -> LLM:
     target = WorkerConfig(
         model=ModelConfig(path=str(target_path), dtype="float64"),
         cache=CacheConfig(block_size=4, num_blocks=12_000),
@@ -50,27 +52,30 @@ def _llm(target_path: object, draft_path: object, draft_sampling: bool) -> LLM:
         num_speculative_tokens=3,
         draft_sampling=draft_sampling,
         cache=CacheConfig(block_size=4, num_blocks=12_000),
+        overlap=overlap,
     )
     sched = SchedulerConfig(max_num_seqs=4000, max_num_batched_tokens=20_000)
     return LLM(OutriderConfig(target=target, speculative=spec, scheduler=sched))
 
 
 @pytest.mark.parametrize(
-    ("draft_sampling", "num_samples"),
-    [(True, NUM_SAMPLES), (False, 8000)],
-    ids=["sampled-q", "one-hot-q"],
+    ("draft_sampling", "num_samples", "overlap"),
+    [(True, NUM_SAMPLES, False), (False, 8000, False), (True, 8000, True)],
+    ids=["sampled-q", "one-hot-q", "sampled-q-overlap"],
 )
 def test_first_tokens_follow_the_target(  # type: ignore[no-untyped-def]
-    tiny_model, draft_sampling: bool, num_samples: int
+    tiny_model, draft_sampling: bool, num_samples: int, overlap: bool
 ) -> None:
     target_path, target = tiny_model("llama", seed=11, vocab_size=VOCAB)
     draft_path, drafter = tiny_model("llama", seed=12, vocab_size=VOCAB)
     p = _joint(target)
     q = _joint(drafter)
     assert 0.5 * (p - q).abs().sum() > 0.2  # the drafter clearly differs from the target
-    llm = _llm(target_path, draft_path, draft_sampling)
+    llm = _llm(target_path, draft_path, draft_sampling, overlap)
     # NOTE: the first token comes from the prefill; with max_tokens=5 the next round drafts
     # k=3, so tokens 2 and 3 come out of the rejection sampler (accepted, recovered or bonus).
+    # With overlap those drafts were prepared during the prefill when the drafter guessed the
+    # first token (a hit), and drafted after it otherwise (a miss).
     params = SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True)
     counts = torch.zeros(VOCAB, VOCAB, VOCAB)
     for _ in range(num_samples // 4000):
@@ -79,6 +84,8 @@ def test_first_tokens_follow_the_target(  # type: ignore[no-untyped-def]
     stats = llm.engine.stats.spec
     assert stats.num_drafts >= num_samples
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    if overlap:
+        assert llm.engine.stats.num_overlap_hits > 0 and llm.engine.stats.num_overlap_misses > 0
     assert chi_square_p_value(counts.sum((0, 2)), p.sum((0, 2))) > 1e-3  # second token
     assert chi_square_p_value(counts.sum(2), p.sum(2)) > 1e-3  # first two tokens
     assert chi_square_p_value(counts.sum(0), p.sum(0)) > 1e-3  # second and third
