@@ -71,6 +71,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         type=_speculative_arg,
         help="JSON object, same shape as vLLM's --speculative-config",
     )
+    p.add_argument(
+        "--no-speculation",
+        action="store_true",
+        help="plain decoding (by default the embedded model speculates with its shipped drafter)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=cmd_generate)
 
@@ -83,7 +88,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         model["dtype"] = args.dtype
     out: dict[str, Any] = {"target": {"model": model}} if model else {}
     if args.speculative_config is not None:
+        if args.no_speculation:
+            raise CliError("--no-speculation and --speculative-config contradict each other")
         out["speculative"] = args.speculative_config
+    elif args.config is None and args.model is None and not args.no_speculation:
+        from outrider.cluster.default_drafter import default_speculative
+
+        spec = default_speculative()
+        if spec is not None:
+            out["speculative"] = spec
     return out
 
 

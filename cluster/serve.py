@@ -1,8 +1,9 @@
 """``outrider serve``: start (or join) Ray, deploy the router, serve HTTP until a signal.
 
-With no arguments it starts a local Ray cluster on 127.0.0.1, places the embedded target and a
-drafter on the local devices, and serves the OpenAI API on 127.0.0.1:8000. It stops on SIGINT
-or SIGTERM and shuts down the Ray cluster it started (never one it joined).
+With no arguments it starts a local Ray cluster on 127.0.0.1, places the embedded target and its
+fastest shipped drafter (cluster/default_drafter.py) on the local devices, and serves the OpenAI
+API on 127.0.0.1:8000. It stops on SIGINT or SIGTERM and shuts down the Ray cluster it started
+(never one it joined).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import time
 from typing import Any
 
 from outrider.cluster.config import OutriderConfig, load_config
+from outrider.cluster.default_drafter import default_speculative
 
 logger = logging.getLogger("outrider.serve")
 
-# NOTE: the drafter `outrider serve` uses for the embedded model when no config names one.
-DEFAULT_SPECULATIVE: dict[str, Any] = {
+# NOTE: the fallback drafter when no head is shipped for the embedded model (see
+# cluster/default_drafter.py for the default, the fastest shipped head).
+FALLBACK_SPECULATIVE: dict[str, Any] = {
     "method": "ngram",
     "num_speculative_tokens": 4,
     "prompt_lookup_min": 2,
@@ -49,7 +52,7 @@ def resolve_serve_config(args: argparse.Namespace) -> OutriderConfig:
         server["api_key"] = key
     overrides: dict[str, Any] = {"server": server} if server else {}
     if args.config is None:
-        overrides["speculative"] = DEFAULT_SPECULATIVE
+        overrides["speculative"] = default_speculative() or FALLBACK_SPECULATIVE
     return load_config(args.config, overrides)
 
 

@@ -81,9 +81,17 @@ def refresh_card(out: Path) -> None:
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in facts.items()],
         "",
-        "Loss curve (log scale): ![loss](loss.png)",
+        "Loss curve (log-scale y, steps on x): ![loss](loss.png)",
         "",
     ]
+    log = run.get("log") or []
+    if log:
+        first, last = log[0], log[-1]
+        lines += [
+            f"The loss goes from {first['loss']:.3f} (step {first['step']}) to "
+            f"{last['loss']:.3f} (step {last['step']}) over {last['seconds']:.0f} s.",
+            "",
+        ]
     evals = out / "eval.json"
     if evals.is_file():
         lines += [

@@ -21,7 +21,16 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 
 def test_generate_json_on_embedded_model() -> None:
-    r = run("generate", "--prompt", "What is 2+2?", "--chat", "--max-tokens", "8", "--json")
+    r = run(
+        "generate",
+        "--prompt",
+        "What is 2+2?",
+        "--chat",
+        "--max-tokens",
+        "8",
+        "--no-speculation",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(rec) == {"token_ids", "text", "finish_reason", "prompt_tokens"}

@@ -1,0 +1,1 @@
+"""Drafter checkpoints shipped with outrider (speculators format), one folder per target."""
