@@ -210,4 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # NOTE: `python -m` runs this file as __main__; subcommands register on the imported module.
+    from outrider.cluster.cli import main as _main
+
+    sys.exit(_main())

@@ -84,6 +84,7 @@ class OutriderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     def validate(self) -> OutriderConfig:
         self.target.model.validate("target.model")
         self.target.parallel.validate("target.parallel")
+        self.target.kernels.validate("target.kernels")
         self.target.cache.validate("target.cache")
         self.target.pool.validate("target.pool")
         if self.speculative is not None:
