@@ -1,4 +1,4 @@
-"""``outrider`` command line: generate | serve | bench.
+"""``outrider`` command line: generate, serve, bench, bench-kernels, train-drafter, eval-drafter.
 
 Every user error is one line on stderr naming what was wrong, and a non-zero exit; no
 traceback.
