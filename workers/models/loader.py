@@ -116,7 +116,7 @@ def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -150,7 +150,7 @@ def load_model(
         cls = get_model_class(config)
         weights = iterate_safetensors(safetensors_files(path))
     try:
-        with _default_dtype(dtype), torch.device(device):
+        with default_dtype(dtype), torch.device(device):
             model = cls(
                 config, moe_backend=moe_backend, start_layer=start_layer, end_layer=end_layer
             )

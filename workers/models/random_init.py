@@ -8,14 +8,14 @@ generator on that device; norm weights stay 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from outrider.workers.models.loader import default_dtype
 from outrider.workers.models.registry import get_model_class
 
 # Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json, the fields outrider reads).
@@ -79,14 +79,6 @@ def make_hf_config(config: dict[str, Any] | PretrainedConfig, **overrides: Any) 
     return AutoConfig.for_model(model_type, **data)
 
 
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(prev)
 
 
 @torch.no_grad()
