@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from outrider.kernels.fused.dispatch import FUSED_DTYPES, use_fused
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
@@ -23,6 +25,14 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``norm(x)``, or with a residual: ``(norm(x + residual), x + residual)``."""
+        if use_fused(x) and self.weight.dtype in FUSED_DTYPES and self.weight.device == x.device:
+            # NOTE: one Triton launch (kernels/fused/norm.py), same roundings as below.
+            from outrider.kernels.fused import norm as fused
+
+            if residual is None:
+                return fused.rms_norm(x, self.weight, self.eps)
+            if residual.dtype == x.dtype and residual.shape == x.shape:
+                return fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual  # [T, H]

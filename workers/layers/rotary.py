@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from outrider.kernels.fused.dispatch import use_fused
+
 _SUPPORTED = ("default", "linear", "llama3")
 
 
@@ -87,6 +89,18 @@ class RotaryEmbedding(nn.Module):
         query: torch.Tensor,  # [T, nH * hd]
         key: torch.Tensor,  # [T, nKV * hd]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if (
+            use_fused(query)
+            and query.dim() == 2
+            and key.dim() == 2
+            and key.dtype == query.dtype
+            and self.cos_cache.device == query.device
+        ):
+            # NOTE: q and k in one Triton launch (kernels/fused/rotary.py); new tensors, the
+            # same roundings as below.
+            from outrider.kernels.fused.rotary import apply_rotary
+
+            return apply_rotary(positions, query, key, self.cos_cache, self.sin_cache)
         memo = self._memo
         if memo is not None and memo[0] is positions and memo[1] == query.dtype:
             cos, sin = memo[2], memo[3]

@@ -1,0 +1,46 @@
+"""When the layers route a tensor through the fused Triton kernels instead of their torch code.
+
+The kernels run for CUDA tensors of float16, bfloat16 or float32 when ``triton`` imports;
+everything else (CPU, float64, no triton) keeps the layers' torch code unchanged.
+``fused_on_cpu()`` also routes CPU tensors through them, for tests under the Triton interpreter
+(``TRITON_INTERPRET=1``), so that the layer wiring is exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+FUSED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+_cpu_interpreter = False
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    """True when ``x`` goes through the fused kernels (host-side checks only: no sync)."""
+    if not (x.is_cuda or (_cpu_interpreter and x.device.type == "cpu")):
+        return False
+    return x.dtype in FUSED_DTYPES and triton_available()
+
+
+@contextlib.contextmanager
+def fused_on_cpu() -> Iterator[None]:
+    """Route CPU tensors through the fused kernels as well (Triton interpreter only)."""
+    global _cpu_interpreter
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("fused_on_cpu() needs the Triton interpreter (TRITON_INTERPRET=1)")
+    previous, _cpu_interpreter = _cpu_interpreter, True
+    try:
+        yield
+    finally:
+        _cpu_interpreter = previous
