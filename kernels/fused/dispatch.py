@@ -1,7 +1,8 @@
 """When the layers route a tensor through the fused Triton kernels instead of their torch code.
 
 The kernels run for CUDA tensors of float16, bfloat16 or float32 when ``triton`` imports;
-everything else (CPU, float64, no triton) keeps the layers' torch code unchanged.
+everything else (CPU, float64, tensors that require grad, no triton) keeps the layers' torch
+code unchanged.
 ``fused_on_cpu()`` also routes CPU tensors through them, for tests under the Triton interpreter
 (``TRITON_INTERPRET=1``), so that the layer wiring is exercised without a GPU.
 """
@@ -30,7 +31,8 @@ def use_fused(x: torch.Tensor) -> bool:
     """True when ``x`` goes through the fused kernels (host-side checks only: no sync)."""
     if not (x.is_cuda or (_cpu_interpreter and x.device.type == "cpu")):
         return False
-    return x.dtype in FUSED_DTYPES and triton_available()
+    # NOTE: the kernels have no backward; anything autograd tracks keeps the torch code.
+    return x.dtype in FUSED_DTYPES and not x.requires_grad and triton_available()
 
 
 @contextlib.contextmanager

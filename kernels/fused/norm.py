@@ -87,7 +87,7 @@ def _launch(
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     res_out = torch.empty_like(out, dtype=x.dtype) if residual is not None else None
-    if x.dim() == 3 and x.stride(-1) == 1:
+    if x.dim() == 3 and x.stride(-1) == 1 and residual is None:
         xv = x  # [T, nH, D] per-head rows, strided in T and nH
         num_heads, stride_xt, stride_xh = x.shape[1], x.stride(0), x.stride(1)
     else:

@@ -116,6 +116,10 @@ def apply_rotary(
         raise ValueError(f"key dtype {key.dtype} differs from query dtype {query.dtype}")
     if sin_cache.shape != cos_cache.shape or cos_cache.stride() != sin_cache.stride():
         raise ValueError("cos_cache and sin_cache must have the same shape and strides")
+    if positions.dim() != 1 or positions.shape[0] != num_tokens:
+        raise ValueError(f"positions must be [{num_tokens}], got {tuple(positions.shape)}")
+    if positions.stride(0) != 1:
+        positions = positions.contiguous()
     if query.stride(1) != 1:
         query = query.contiguous()
     if key.stride(1) != 1:

@@ -139,6 +139,16 @@ def test_per_head_rms_norm_on_qkv_slices(
         check_close(fused_norm.rms_norm(heads, weight, 1e-6), ref, "per-head rms_norm")
 
 
+def test_fused_add_rms_norm_3d(gen: torch.Generator) -> None:
+    """A 3-D residual stream is normalised over its last dimension, row by row."""
+    x, residual = rand(gen, 3, 4, 40, dtype=torch.float16), rand(gen, 3, 4, 40, dtype=torch.float16)
+    weight = rand(gen, 40, dtype=torch.float16)
+    ref, ref_res = fused_norm.fused_add_rms_norm_ref(x, residual, weight, 1e-6)
+    out, res = fused_norm.fused_add_rms_norm(x, residual, weight, 1e-6)
+    assert torch.equal(res, ref_res)
+    check_close(out, ref, "fused_add_rms_norm 3-D")
+
+
 def test_rms_norm_float32_weight_promotes(gen: torch.Generator) -> None:
     """A float32 weight on half inputs gives a float32 output, as ``weight * normed`` does."""
     x = rand(gen, 5, 96, dtype=torch.float16)
@@ -316,12 +326,16 @@ def torch_layers() -> Iterator[None]:
 
 
 def test_layers_keep_torch_code_where_unfused(gen: torch.Generator, calls: dict[str, int]):
-    """float64 (and, outside fused_on_cpu, every CPU tensor) never reaches a kernel."""
+    """float64, tensors that require grad and (outside fused_on_cpu) every CPU tensor never
+    reach a kernel."""
     norm = RMSNorm(32).to(DEVICE, torch.float64)
     x = rand(gen, 3, 32, dtype=torch.float64)
     with on_kernels():
         norm(x, x)
         SiluAndMul()(x)
+        grad = rand(gen, 3, 32, dtype=torch.float32).requires_grad_()
+        RMSNorm(32).to(DEVICE)(grad).sum().backward()
+        assert grad.grad is not None
     cpu = torch.randn(3, 32, generator=gen, dtype=torch.float16)
     RMSNorm(32).to(torch.float16)(cpu, cpu)
     SiluAndMul()(cpu)
