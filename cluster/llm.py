@@ -23,7 +23,7 @@ from outrider.cluster.sequence import SpecStats
 from outrider.workers.config import ConfigError, SamplingParams
 from outrider.workers.models.loader import has_tokenizer, load_tokenizer
 from outrider.workers.proposers.factory import build_drafter, resolve_speculative
-from outrider.workers.runner import ModelRunner
+from outrider.workers.runner import ModelBuilder, ModelRunner
 from outrider.workers.verifier import Verifier
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -61,9 +61,14 @@ def eos_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
 
 
 class LLM:
-    def __init__(self, config: OutriderConfig | None = None) -> None:
+    def __init__(
+        self, config: OutriderConfig | None = None, *, target_build: ModelBuilder | None = None
+    ) -> None:
+        """``target_build`` replaces the target's loader (``ModelRunner(build=...)``), e.g.
+        random weights at a real shape for benchmarks; ``target.model.path`` still names the
+        tokenizer (a folder with none gives a token-ids-only LLM)."""
         self.config = config = (config or OutriderConfig()).validate()
-        self.runner = ModelRunner(config.target, group="target")
+        self.runner = ModelRunner(config.target, group="target", build=target_build)
         # NOTE: a model without a tokenizer (tiny test models) takes token ids and returns no text.
         self.tokenizer = (
             load_tokenizer(config.target.model) if has_tokenizer(config.target.model) else None
