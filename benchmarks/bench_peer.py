@@ -11,6 +11,7 @@ target's tokens.
     python3 benchmarks/bench_peer.py --side both      # outrider, then vLLM, per case
     python3 benchmarks/bench_peer.py --side outrider  # no vLLM needed
     python3 benchmarks/bench_peer.py --smoke          # CPU, tiny shapes, outrider only
+    python3 benchmarks/bench_peer.py --merge a.json b.json  # one table from split runs
 
 outrider: the target is built on cuda:0 by ``random_init`` (nothing on disk); the drafter, a
 random speculators checkpoint written to a temporary folder, runs on cuda:1 when two GPUs are
@@ -428,6 +429,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache-gib", type=float, default=None, help="KV cache per group (4)")
     ap.add_argument("--json", default=None, help="JSON path (default $OUT/bench_peer.json)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, outrider only")
+    ap.add_argument(
+        "--merge", nargs="+", default=None, help="print one table from earlier runs' JSON files"
+    )
     return ap.parse_args(argv)
 
 
@@ -467,9 +471,30 @@ def resolve(args: argparse.Namespace) -> tuple[list[Case], Settings]:
     return cases, settings
 
 
+def load_runs(paths: Sequence[str]) -> list[Result]:
+    """The runs of earlier reports (a later file's run of the same side and case wins)."""
+    runs: dict[tuple[str, Case], Result] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["runs"]:
+            case = Case(r["shape"], r["mode"])
+            res = Result(case, r["side"], info=r["info"])
+            res.ms = {int(b): v for b, v in r["ms"].items()}
+            res.ttft_ms = {int(b): v for b, v in r["ttft_ms"].items()}
+            res.acceptance_length = {int(b): v for b, v in r["acceptance_length"].items()}
+            runs[(res.side, case)] = res
+    return list(runs.values())
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cases, s = resolve(args)
+    if args.smoke:
+        import torch
+
+        # NOTE: tiny shapes on a shared CPU: more threads only contend.
+        torch.set_num_threads(1)
+    if args.merge:
+        return report_out(args, s, load_runs(args.merge))
     side = "outrider" if args.smoke else args.side
     peer_dir = Path(args.peer_dir)
     if side in ("vllm", "both"):
@@ -489,6 +514,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if side in ("vllm", "both"):
             print(f"vllm {c.target} {c.mode} ...", file=sys.stderr, flush=True)
             results.append(run_vllm(c, peer_dir, args.vllm_python))
+    return report_out(args, s, results)
+
+
+def report_out(args: argparse.Namespace, s: Settings, results: list[Result]) -> dict[str, Any]:
     text, rows = table(results, s.batch_sizes)
     head = caption(s, results)
     print(head + "\n\n" + text)
