@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Speculation on vs off through the whole served stack: start `outrider serve` with each config,
 # run the same `outrider bench`, stop it, back to back on one machine.
-#   bash benchmarks/serve_bench.sh [concurrency] [num_prompts] [max_tokens]
+#   [CONFIGS="embedded-plain embedded-eagle3"] bash benchmarks/serve_bench.sh [concurrency] [num_prompts] [max_tokens]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${OUTRIDER_BIN:-.venv/bin/outrider}
 C=${1:-4}; N=${2:-16}; T=${3:-64}
-for cfg in embedded-plain embedded-ngram; do
+for cfg in ${CONFIGS:-embedded-plain embedded-ngram}; do
   log=$(mktemp)
   "$BIN" serve --config "benchmarks/configs/$cfg.yaml" >"$log" 2>&1 &
   pid=$!
