@@ -12,31 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from outrider.cluster.llm import LLM
-from outrider.cluster.sequence import SpecStats
 from outrider.train.cli import heldout_prompt_ids
-from outrider.train.evaluate import eval_config
-from outrider.workers.config import SamplingParams
-
-
-def run(
-    llm: LLM, prompts: list[list[int]], max_tokens: int
-) -> tuple[list[list[int]], float, SpecStats]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    outs, stats, n = [], SpecStats(), 0
-    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8))
-    t0 = time.perf_counter()
-    for p in prompts:
-        r = llm.generate([p], params)[0]
-        outs.append(r.token_ids)
-        stats.merge(r.spec)
-        n += len(r.token_ids)
-    return outs, n / (time.perf_counter() - t0), stats
+from outrider.train.evaluate import eval_config, timed_greedy
 
 
 def main() -> None:
@@ -50,12 +32,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     plain = LLM(eval_config(None, "cpu", None, 4, 1))
     prompts = heldout_prompt_ids(plain, args.num_prompts, 0)
-    ref, tps_plain, _ = run(plain, prompts, args.max_tokens)
+    ref, tps_plain, _ = timed_greedy(plain, prompts, args.max_tokens, 1)
     rows = [{"drafter": "plain", "tokens_per_s": tps_plain}]
     print(f"plain: {tps_plain:.1f} tok/s over {len(prompts)} prompts", flush=True)
     for d in args.drafters:
         llm = LLM(eval_config(None, "cpu", d, 4, 1))
-        got, tps, st = run(llm, prompts, args.max_tokens)
+        got, tps, st = timed_greedy(llm, prompts, args.max_tokens, 1)
         drafts = max(st.num_drafts, 1)
         row = {
             "drafter": d,

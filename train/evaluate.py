@@ -73,10 +73,13 @@ def eval_config(
     )
 
 
-def _run(
+def timed_greedy(
     llm: LLM, prompts: Sequence[list[int]], max_tokens: int, batch: int
 ) -> tuple[list[list[int]], float, SpecStats]:
+    """Greedy outputs, generated tokens/s and merged spec stats, after a short warm-up request
+    (so first-call costs do not count)."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    llm.generate(list(prompts[:1]), SamplingParams(temperature=0.0, max_tokens=8))
     outs: list[list[int]] = []
     stats = SpecStats()
     generated = 0
@@ -109,11 +112,8 @@ def evaluate(
         raise ConfigError("evaluation needs at least one prompt")
     plain = plain or LLM(eval_config(target, device, None, k, batch_size))
     spec = LLM(eval_config(target, device, str(drafter), k, batch_size))
-    # NOTE: one warm-up request each, so first-call costs do not count against either side.
-    _run(plain, prompts[:1], 8, 1)
-    _run(spec, prompts[:1], 8, 1)
-    ref, tps_plain, _ = _run(plain, prompts, max_tokens, batch_size)
-    got, tps_spec, stats = _run(spec, prompts, max_tokens, batch_size)
+    ref, tps_plain, _ = timed_greedy(plain, prompts, max_tokens, batch_size)
+    got, tps_spec, stats = timed_greedy(spec, prompts, max_tokens, batch_size)
     drafts = max(stats.num_drafts, 1)
     per_pos = [a / drafts for a in stats.accepted_per_position]
     return EvalReport(

@@ -8,6 +8,8 @@ the same thing in training and in serving.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,7 +77,7 @@ class SelfAttention(nn.Module):
         positions: torch.Tensor,  # [B, N]
         rope: RotaryEmbedding,
         mask: torch.Tensor,  # [B or 1, N, M] bool over cat(past keys, own keys)
-        past: list[tuple[torch.Tensor, torch.Tensor]] = (),  # type: ignore[assignment]
+        past: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Attention output [B, N, H] and this call's own ``(K, V)`` (for later steps)."""
         b, n, _ = x.shape
@@ -136,7 +138,7 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,  # [B, N]
         rope: RotaryEmbedding,
         mask: torch.Tensor,
-        past: list[tuple[torch.Tensor, torch.Tensor]] = (),  # type: ignore[assignment]
+        past: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         a, kv = self.self_attn(self.input_layernorm(x), positions, rope, mask, past)
         h = x + a

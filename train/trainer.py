@@ -23,6 +23,7 @@ from outrider.cluster.config import OutriderConfig, SchedulerConfig
 from outrider.cluster.llm import LLM
 from outrider.train import data as data_mod
 from outrider.train.capture import TargetCapture
+from outrider.train.card import write_card
 from outrider.train.config import TrainConfig
 from outrider.train.export import build_config, save_drafter
 from outrider.train.modules import DFlashDrafter, DraftShape, EagleDrafter
@@ -294,8 +295,6 @@ class DrafterTrainer:
         )
         export = model.export_state()  # type: ignore[operator]
         size = save_drafter(self.out, export, vocab, config)
-        from outrider.train.card import write_card
-
         write_card(
             self.out,
             cfg,
