@@ -52,7 +52,8 @@ PEER_TOKENS = 256
 PROMPT_LEN = 128
 PROMPT_ID_HI = 128000
 MAX_MODEL_LEN = 2048
-MAX_NUM_SEQS = 16
+MAX_NUM_SEQS = 16  # peer.py's; outrider raises it to the largest batch asked for
+MAX_BATCH = 64
 # Smoke: tiny shapes (the peer's configs shrunk), few tokens.
 SMOKE_LAYER = {
     "hidden_size": 64,
@@ -103,6 +104,7 @@ class Settings:
     attention_backend: str
     moe_backend: str
     cache_gib: float
+    draft_length_policy: str = "fixed"
 
 
 @dataclass
@@ -112,6 +114,8 @@ class Result:
     ms: dict[int, float] = field(default_factory=dict)  # batch -> ms per step
     ttft_ms: dict[int, float] = field(default_factory=dict)
     acceptance_length: dict[int, float | None] = field(default_factory=dict)
+    # batch -> per-round means of the timed run: rounds, wall/draft/verify/overhead ms, mean k
+    split: dict[int, dict[str, float]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -202,13 +206,14 @@ def build_llm(case: Case, s: Settings, scratch: Path) -> tuple[Any, dict[str, An
             parallel_drafting=case.mode == "peagle",
             verification="synthetic",
             synthetic_acceptance_rates=RATES,
+            draft_length_policy=s.draft_length_policy,  # type: ignore[arg-type]
             cache=cache,
             device=drafter_device,
         )
     config = OutriderConfig(
         target=target,
         speculative=spec,
-        scheduler=SchedulerConfig(max_num_seqs=MAX_NUM_SEQS),
+        scheduler=SchedulerConfig(max_num_seqs=max(MAX_NUM_SEQS, *s.batch_sizes)),
     )
     llm = LLM(config, target_build=random_builder(tcfg, seed=0))
     info = {
@@ -218,6 +223,7 @@ def build_llm(case: Case, s: Settings, scratch: Path) -> tuple[Any, dict[str, An
         "attention_backend": llm.runner.attention_backend,
         "moe_backend": llm.runner.moe_backend,
         "cuda_graphs": llm.runner.graph_runner is not None,
+        "draft_length_policy": s.draft_length_policy if spec is not None else None,
     }
     if llm.drafter is not None:
         caps = llm.drafter.capabilities
@@ -259,11 +265,35 @@ def measure_outrider(case: Case, s: Settings) -> Result:
         # NOTE: CUDA graphs are captured on first use; vLLM captures its own at start-up.
         run(bs, 8)
         t1, _ = run(bs, 1)
+        before = _split_totals(llm.engine.stats)
         tn, al = run(bs, s.num_tokens + 1)
+        result.split[bs] = _split_means(before, _split_totals(llm.engine.stats))
         result.ms[bs] = (tn - t1) / s.num_tokens * 1e3
         result.ttft_ms[bs] = t1 * 1e3
         result.acceptance_length[bs] = al
     return result
+
+
+def _split_totals(stats: Any) -> dict[str, float]:
+    k_sum = sum(k * n for k, n in stats.rounds_by_k.items())
+    return {
+        "rounds": float(stats.num_rounds),
+        "wall": stats.wall_s,
+        "draft": stats.draft_s,
+        "verify": stats.verify_s,
+        "overhead": stats.overhead_s,
+        "k": float(k_sum),
+    }
+
+
+def _split_means(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    n = b["rounds"] - a["rounds"]
+    if n <= 0:
+        return {"rounds": 0.0}
+    out = {"rounds": n, "mean_k": (b["k"] - a["k"]) / n}
+    for key in ("wall", "draft", "verify", "overhead"):
+        out[f"{key}_ms"] = (b[key] - a[key]) / n * 1e3
+    return out
 
 
 def run_outrider(cases: Sequence[Case], s: Settings) -> list[Result]:
@@ -389,6 +419,28 @@ def table(results: Sequence[Result], batch_sizes: Sequence[int]) -> tuple[str, l
     return "\n".join(lines), rows
 
 
+def split_table(results: Sequence[Result], batch_sizes: Sequence[int]) -> str:
+    """outrider's round time split (per-round means over the timed run)."""
+    lines = [
+        "| shape | mode | batch | rounds | mean k | round ms | draft ms | verify ms "
+        "| overhead ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.side != "outrider":
+            continue
+        for bs in batch_sizes:
+            sp = r.split.get(bs)
+            if not sp or not sp.get("rounds"):
+                continue
+            lines.append(
+                f"| {SHAPE_NAMES[r.case.target]} | {mode_label(r.case.mode)} | {bs} | "
+                f"{sp['rounds']:.0f} | {sp['mean_k']:.2f} | {sp['wall_ms']:.2f} | "
+                f"{sp['draft_ms']:.2f} | {sp['verify_ms']:.2f} | {sp['overhead_ms']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def caption(s: Settings, results: Sequence[Result]) -> str:
     rates = "/".join(f"{r:.2f}" for r in RATES)
     ours = next((r.info for r in results if r.side == "outrider"), {})
@@ -398,7 +450,8 @@ def caption(s: Settings, results: Sequence[Result]) -> str:
             f"; outrider target on {ours['target_device']}, drafter on "
             f"{ours.get('drafter_device') or ours['target_device']}, attention "
             f"{ours['attention_backend']}, MoE {ours['moe_backend']}, CUDA graphs "
-            f"{'on' if ours['cuda_graphs'] else 'off'}"
+            f"{'on' if ours['cuda_graphs'] else 'off'}, draft length "
+            f"{s.draft_length_policy}"
         )
     return (
         f"Random weights; *synthetic* acceptance (rates {rates}, k={K}) on speculative rows; "
@@ -426,6 +479,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--drafter-device", default=None, help="default cuda:1 if 2 GPUs else cuda:0")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--moe-backend", default="auto")
+    ap.add_argument("--draft-length-policy", choices=("fixed", "goodput"), default="fixed")
     ap.add_argument("--cache-gib", type=float, default=None, help="KV cache per group (4)")
     ap.add_argument("--json", default=None, help="JSON path (default $OUT/bench_peer.json)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, outrider only")
@@ -447,8 +501,8 @@ def resolve(args: argparse.Namespace) -> tuple[list[Case], Settings]:
     if not cases:
         raise BenchError("no case to run: peagle runs on tgt only")
     batch_sizes = tuple(int(b) for b in _csv(args.batch_sizes))
-    if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_NUM_SEQS:
-        raise BenchError(f"`--batch-sizes` must be in [1, {MAX_NUM_SEQS}], got {args.batch_sizes}")
+    if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BATCH:
+        raise BenchError(f"`--batch-sizes` must be in [1, {MAX_BATCH}], got {args.batch_sizes}")
     peer_dir = Path(args.peer_dir)
     config_dir = peer_dir if (peer_dir / "tgt" / "config.json").is_file() else SHARED_PEER
     tokens = args.tokens or (8 if args.smoke else PEER_TOKENS)
@@ -467,6 +521,7 @@ def resolve(args: argparse.Namespace) -> tuple[list[Case], Settings]:
         attention_backend=args.attention_backend,
         moe_backend=args.moe_backend,
         cache_gib=args.cache_gib or (0.02 if args.smoke else 4.0),
+        draft_length_policy=args.draft_length_policy,
     )
     return cases, settings
 
@@ -481,6 +536,7 @@ def load_runs(paths: Sequence[str]) -> list[Result]:
             res.ms = {int(b): v for b, v in r["ms"].items()}
             res.ttft_ms = {int(b): v for b, v in r["ttft_ms"].items()}
             res.acceptance_length = {int(b): v for b, v in r["acceptance_length"].items()}
+            res.split = {int(b): v for b, v in r.get("split", {}).items()}
             runs[(res.side, case)] = res
     return list(runs.values())
 
@@ -520,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def report_out(args: argparse.Namespace, s: Settings, results: list[Result]) -> dict[str, Any]:
     text, rows = table(results, s.batch_sizes)
     head = caption(s, results)
-    print(head + "\n\n" + text)
+    print(head + "\n\n" + text + "\n\n" + split_table(results, s.batch_sizes))
     report = {
         "caption": head,
         "settings": asdict(s),
@@ -535,6 +591,7 @@ def report_out(args: argparse.Namespace, s: Settings, results: list[Result]) -> 
                 "ms": r.ms,
                 "ttft_ms": r.ttft_ms,
                 "acceptance_length": r.acceptance_length,
+                "split": r.split,
                 "info": r.info,
             }
             for r in results
