@@ -51,7 +51,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str
 
 def test_smoke_table_rows_and_synthetic_label(smoke: tuple[dict[str, Any], str, Path]) -> None:
     report, stdout, out = smoke
-    rows = [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    tables = stdout.split("\n\n")
+    rows = [line for line in tables[1].splitlines() if line.startswith("| ") and "---" not in line]
     header, body = rows[0], rows[1:]
     assert "outrider ms/step" in header and "vLLM ms/step" in header
     want = [
@@ -67,6 +68,13 @@ def test_smoke_table_rows_and_synthetic_label(smoke: tuple[dict[str, Any], str, 
     assert got == want
     assert "*synthetic* acceptance (rates 0.72/0.50/0.33/0.22, k=4)" in stdout
     assert "SMOKE" in stdout
+    split = [line for line in tables[2].splitlines() if line.startswith("| ") and "---" not in line]
+    assert "overhead ms" in split[0]
+    assert [tuple(c.strip() for c in line.strip("|").split("|")[:3]) for line in split[1:]] == want
+    for line in split[1:]:
+        wall, draft, verify, overhead = (float(c) for c in line.strip("|").split("|")[5:9])
+        assert draft >= 0 and verify > 0 and overhead >= 0
+        assert abs(wall - (draft + verify + overhead)) < 0.02 * wall + 0.02
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
 
 
