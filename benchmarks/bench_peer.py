@@ -443,7 +443,9 @@ def split_table(results: Sequence[Result], batch_sizes: Sequence[int]) -> str:
 
 def caption(s: Settings, results: Sequence[Result]) -> str:
     rates = "/".join(f"{r:.2f}" for r in RATES)
-    ours = next((r.info for r in results if r.side == "outrider"), {})
+    mine = [r for r in results if r.side == "outrider"]
+    # NOTE: the first speculative run names the drafter's device (plain runs have none).
+    ours = next((r.info for r in mine if r.info.get("drafter_device")), mine[0].info if mine else {})
     where = ""
     if ours:
         where = (

@@ -79,6 +79,12 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--drafter", required=True, help="speculators-format drafter directory")
     e.add_argument("--target", help="target HF dir or .gguf (default: embedded SmolLM2)")
     e.add_argument("--device", default="auto")
+    e.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the target's and drafter's dtype (auto: float32 on CPU, bfloat16 on GPU)",
+    )
     e.add_argument("--prompts", help="jsonl prompts (default: held-out Magpie prompts)")
     e.add_argument("--num-prompts", type=int, default=32)
     e.add_argument("--max-tokens", type=int, default=128)
@@ -159,13 +165,14 @@ def run_eval(
     num_speculative_tokens: int | None = None,
     plain: Any = None,
     report_path: Path | None = None,
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     from outrider.cluster.llm import LLM
     from outrider.train.card import refresh_card
     from outrider.train.data import file_prompts
     from outrider.train.evaluate import eval_config, evaluate
 
-    base = plain or LLM(eval_config(target, device, None, 4, batch_size))
+    base = plain or LLM(eval_config(target, device, None, 4, batch_size, dtype=dtype))
     if prompts_file:
         specs = file_prompts([prompts_file])[:num_prompts]
         prompts = [base.encode(s.text, chat=True) for s in specs]
@@ -186,12 +193,23 @@ def run_eval(
         num_speculative_tokens=num_speculative_tokens,
         prompt_source=source,
         plain=base,
+        dtype=dtype,
     ).as_dict()
     path = report_path or Path(drafter) / "eval.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     refresh_card(Path(drafter))
     if not report["lossless"]:
-        raise ConfigError(f"{drafter}: speculative output differs from plain decoding")
+        n = report["num_prompts"] - report["num_identical"]
+        hint = ""
+        if report["dtype"] in ("bfloat16", "float16"):
+            hint = (
+                f" (in {report['dtype']} a verify step and a decode step may round a near-tie "
+                "differently; --dtype float32 checks losslessness)"
+            )
+        raise ConfigError(
+            f"{drafter}: {n} of {report['num_prompts']} speculative outputs differ from plain "
+            f"decoding{hint}"
+        )
     return report
 
 
@@ -207,6 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_speculative_tokens=args.num_speculative_tokens,
         report_path=Path(args.json) if args.json else None,
+        dtype=args.dtype,
     )
     print(json.dumps(report))
     return 0

@@ -41,6 +41,8 @@ class EvalReport:
     lossless: bool
     device: str
     prompt_source: str
+    dtype: str = ""
+    num_identical: int = 0  # outputs equal to plain decoding, of num_prompts
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,9 +56,12 @@ def eval_config(
     max_num_seqs: int,
     *,
     parallel_drafting: bool | None = None,
+    dtype: str = "auto",
 ) -> OutriderConfig:
     worker = WorkerConfig(
-        model=ModelConfig(path=target), cache=CacheConfig(num_blocks=2048), device=device
+        model=ModelConfig(path=target, dtype=dtype),  # type: ignore[arg-type]
+        cache=CacheConfig(num_blocks=2048),
+        device=device,
     )
     spec = None
     if drafter is not None:
@@ -103,6 +108,7 @@ def evaluate(
     num_speculative_tokens: int | None = None,
     prompt_source: str = "",
     plain: LLM | None = None,
+    dtype: str = "auto",
 ) -> EvalReport:
     from outrider.workers.speculators import load_speculators_config
 
@@ -110,8 +116,8 @@ def evaluate(
     k = num_speculative_tokens or ckpt.num_speculative_tokens
     if not prompts:
         raise ConfigError("evaluation needs at least one prompt")
-    plain = plain or LLM(eval_config(target, device, None, k, batch_size))
-    spec = LLM(eval_config(target, device, str(drafter), k, batch_size))
+    plain = plain or LLM(eval_config(target, device, None, k, batch_size, dtype=dtype))
+    spec = LLM(eval_config(target, device, str(drafter), k, batch_size, dtype=dtype))
     ref, tps_plain, _ = timed_greedy(plain, prompts, max_tokens, batch_size)
     got, tps_spec, stats = timed_greedy(spec, prompts, max_tokens, batch_size)
     drafts = max(stats.num_drafts, 1)
@@ -130,4 +136,6 @@ def evaluate(
         lossless=got == ref,
         device=str(spec.runner.device),
         prompt_source=prompt_source,
+        dtype=str(spec.runner.dtype).removeprefix("torch."),
+        num_identical=sum(a == b for a, b in zip(got, ref, strict=True)),
     )

@@ -6,11 +6,13 @@ kernel backends. Sampling and verification live in ``verifier.py``; drafting in 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -49,6 +51,32 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"`device` {name!r} is not available here; choices: auto, cpu")
     return dev
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Make ``device`` the current CUDA device inside the block.
+
+    NOTE: Triton launches on the *current* device's stream, whatever device its tensors are on;
+    with the target on cuda:0 and the drafter on cuda:1 in one process, the drafter's kernels
+    would otherwise run on GPU 0 over peer memory, unordered with its own torch ops.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def on_runner_device(fn: _F) -> _F:
+    """A method of an object with a ``runner`` runs with that runner's device current."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with on_device(self.runner.device):
+            return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

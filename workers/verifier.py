@@ -26,7 +26,7 @@ from outrider.kernels.sampling.ops import (
 )
 from outrider.workers.config import SamplingParams
 from outrider.workers.protocol import Delta
-from outrider.workers.runner import ModelRunner
+from outrider.workers.runner import ModelRunner, on_runner_device
 from outrider.workers.synthetic import (
     check_rates,
     conditional_rates,
@@ -123,6 +123,7 @@ class Verifier:
         self.runner.release(seq_ids)
 
     # -- the round --------------------------------------------------------------------------
+    @on_runner_device
     @torch.inference_mode()
     def verify(self, items: Sequence[VerifyItem]) -> VerifyResult:
         t0 = time.perf_counter()

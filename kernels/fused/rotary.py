@@ -3,8 +3,10 @@
 Semantics are those of ``workers/layers/rotary.py``: each head's two halves ``x1, x2`` rotate
 together, ``(x1·cos − x2·sin, x2·cos + x1·sin)``, with cos/sin looked up in the float32 cache
 at each token's position and cast to the query dtype, every product and sum rounded to that
-dtype as torch rounds it. In half precision the kernel makes exactly the reference's roundings,
-so the results agree bit for bit; in float32 the compiler may contract a product into the sum.
+dtype as torch rounds it. The kernel spells out the reference's roundings; the interpreter
+agrees bit for bit, but on an H200 half-precision results came out up to one unit in the last
+place off (the compiler may fold an intermediate rounding), and in float32 it may contract a
+product into the sum.
 
 One program rotates ``BLOCK_H`` heads of one token, counted over q's heads then k's, so q and k
 share the launch and the cos/sin row. q and k may be column slices of the fused qkv (row

@@ -68,7 +68,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _llm(path: Path, **spec: Any) -> Any:
+def _llm(path: Path, drafter_device: str = "cuda", **spec: Any) -> Any:
     from outrider.cluster.config import OutriderConfig
     from outrider.cluster.llm import LLM
     from outrider.workers.config import CacheConfig, ModelConfig, WorkerConfig
@@ -84,11 +84,11 @@ def _llm(path: Path, **spec: Any) -> Any:
             method="draft_model",
             model=str(path),
             num_speculative_tokens=4,
-            device="cuda",
+            device=drafter_device,
             cache=CacheConfig(block_size=16, num_blocks=512),
             **spec,
         )
-        if spec
+        if spec or drafter_device != "cuda"
         else None
     )
     return LLM(OutriderConfig(target=target, speculative=speculative))
@@ -130,6 +130,24 @@ def test_goodput_policy_is_lossless(tiny_dir: Path, plain: list[list[int]], over
     assert [o.token_ids for o in llm.generate(PROMPTS, _greedy())] == plain
     st = llm.engine.stats
     assert st.num_rounds > 0 and st.verify_s > 0 and st.wall_s >= st.overhead_s >= 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_drafter_on_its_own_gpu_in_process(
+    tiny_dir: Path, plain: list[list[int]], overlap: bool
+) -> None:
+    """Target on cuda:0, drafter (the target itself) on cuda:1, one process: every draft of a
+    self-drafter is accepted only if the drafter's kernels ran on its own GPU, in order with its
+    torch ops (Triton launches on the current device)."""
+    torch.cuda.set_device(0)
+    llm = _llm(tiny_dir, drafter_device="cuda:1", overlap=overlap)
+    assert str(llm.runner.device) in ("cuda", "cuda:0")
+    assert str(llm.drafter.runner.device) == "cuda:1"
+    assert [o.token_ids for o in llm.generate(PROMPTS, _greedy())] == plain
+    spec = llm.engine.stats.spec
+    assert spec.num_drafts > 0
+    assert spec.accepted_per_position[0] >= 0.95 * spec.num_drafts, spec.accepted_per_position
 
 
 def test_synthetic_acceptance_rates_on_cuda(tiny_dir: Path) -> None:

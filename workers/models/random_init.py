@@ -79,8 +79,6 @@ def make_hf_config(config: dict[str, Any] | PretrainedConfig, **overrides: Any) 
     return AutoConfig.for_model(model_type, **data)
 
 
-
-
 @torch.no_grad()
 def init_random_(model: nn.Module, *, std: float = 0.02, seed: int = 0) -> None:
     """Fill every parameter with N(0, std²) in place; norm weights become 1."""

@@ -31,7 +31,7 @@ from outrider.workers.proposers.base import (
 )
 from outrider.workers.proposers.drafting import DraftSampler
 from outrider.workers.protocol import Delta
-from outrider.workers.runner import ModelRunner
+from outrider.workers.runner import ModelRunner, on_runner_device
 from outrider.workers.spec_config import SpeculativeConfig
 from outrider.workers.speculators import load_for_target
 
@@ -112,6 +112,7 @@ class DFlashProposer(Proposer):
         self.runner.release(seq_ids)
 
     # -- the round --------------------------------------------------------------------------
+    @on_runner_device
     @torch.inference_mode()
     def propose(self, items: Sequence[ProposeItem], mode: DraftMode) -> ProposeResult:
         for it in items:

@@ -22,7 +22,7 @@ from outrider.workers.proposers.base import (
 )
 from outrider.workers.proposers.drafting import DraftSampler
 from outrider.workers.protocol import Delta
-from outrider.workers.runner import ModelRunner
+from outrider.workers.runner import ModelRunner, on_runner_device
 from outrider.workers.spec_config import SpeculativeConfig
 
 
@@ -88,6 +88,7 @@ class DraftModelProposer(Proposer):
         rows = [batch.query_start_loc[b] + r for b, rs in enumerate(rows_per_seq) for r in rs]
         return self.runner.compute_logits(out.hidden_states[rows])
 
+    @on_runner_device
     @torch.inference_mode()
     def propose(self, items: Sequence[ProposeItem], mode: DraftMode) -> ProposeResult:
         for it in items:

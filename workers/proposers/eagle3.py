@@ -33,7 +33,7 @@ from outrider.workers.proposers.base import (
 )
 from outrider.workers.proposers.drafting import DraftSampler
 from outrider.workers.protocol import Delta
-from outrider.workers.runner import ModelRunner, PreparedBatch
+from outrider.workers.runner import ModelRunner, PreparedBatch, on_runner_device
 from outrider.workers.spec_config import SpeculativeConfig
 from outrider.workers.speculators import load_for_target
 
@@ -170,6 +170,7 @@ class Eagle3Proposer(Proposer):
         h = self.model.config.hidden_size
         return torch.empty(0, h, dtype=self.runner.dtype, device=self.runner.device)
 
+    @on_runner_device
     @torch.inference_mode()
     def propose(self, items: Sequence[ProposeItem], mode: DraftMode) -> ProposeResult:
         for it in items:
