@@ -445,7 +445,8 @@ def caption(s: Settings, results: Sequence[Result]) -> str:
     rates = "/".join(f"{r:.2f}" for r in RATES)
     mine = [r for r in results if r.side == "outrider"]
     # NOTE: the first speculative run names the drafter's device (plain runs have none).
-    ours = next((r.info for r in mine if r.info.get("drafter_device")), mine[0].info if mine else {})
+    first = mine[0].info if mine else {}
+    ours = next((r.info for r in mine if r.info.get("drafter_device")), first)
     where = ""
     if ours:
         where = (
