@@ -78,6 +78,10 @@ else:
     VERIFY = [(b, c) for b in (1, 8) for c in (1024, 4096)]
     REJ = [(8, 4, 128256), (64, 4, 128256)]
 VERIFY_Q = 5
+# NOTE: the shapes --sweep tunes (the batch-1 and batch-8 decode/verify steps at 4k context).
+SWEEP_SHAPES = {("decode", 1, 4096), ("decode", 8, 4096), ("verify", 1, 4096)}
+if OPTS.smoke:
+    SWEEP_SHAPES = {("decode", 1, 64)}
 ROTATE_BYTES = 256 << 20  # input sets per shape: at least this many bytes in all (L2 is 50 MB)
 MAX_SETS = 64
 
@@ -216,36 +220,33 @@ def attention_rows(bw: float, gen: torch.Generator) -> list[dict[str, Any]]:
             ms=ms, graph_ms=graph_ms, floor_ms=floor_ms, kv_bytes=data["kv_bytes"],
             rel_err=err,
         )  # fmt: skip
-        if OPTS.sweep:
-            row["sweep"] = sweep_attention(eager, data, scale)
+        if OPTS.sweep and (kind, b, ctx) in SWEEP_SHAPES:
+            row["sweep"] = sweep_attention(calls, data, scale)
         rows.append(row)
         print(fmt_row(row), flush=True)
     return rows
 
 
 def sweep_attention(
-    eager: Callable[..., float], data: dict[str, Any], scale: float
+    calls: Callable[..., list[Callable[[], Any]]], data: dict[str, Any], scale: float
 ) -> list[dict[str, Any]]:
-    """Tile configs with the automatic split count, then split counts with the best config."""
+    """Tile configs x split counts, each timed as CUDA-graph replays (as the decode step runs)."""
+    timed = bench_graph if not OPTS.no_graph else (lambda cs: bench(cs[0]))
     results = []
-    for block_n, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (2, 3)):
-        cfg = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+    for block_n, warps, stages, splits in itertools.product(
+        (32, 64), (2, 4), (1, 2, 3), (None, 32, 64, 128)
+    ):
+        cfg = dict(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
         try:
-            ms = eager(**cfg)
+            err = attention_check(data, scale, **cfg)
+            ms = timed(calls(**cfg))
         except Exception as exc:  # out of shared memory or registers: note and go on
             results.append(dict(**cfg, error=type(exc).__name__))
             continue
-        results.append(dict(**cfg, ms=ms))
-    ok = [r for r in results if "ms" in r]
-    best = min(ok, key=lambda r: r["ms"])
-    cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages")}
-    for splits in (1, 2, 4, 8, 16, 32, 64):
-        err = attention_check(data, scale, num_splits=splits, **cfg)
-        results.append(
-            dict(**cfg, num_splits=splits, ms=eager(num_splits=splits, **cfg), rel_err=err)
-        )
-    best_all = min((r for r in results if "ms" in r), key=lambda r: r["ms"])
-    print(f"    sweep best: {best_all}", flush=True)
+        results.append(dict(**cfg, ms=ms, rel_err=err))
+    ranked = sorted((r for r in results if "ms" in r), key=lambda r: r["ms"])
+    for r in ranked[:5]:
+        print(f"    sweep: {r}", flush=True)
     return results
 
 

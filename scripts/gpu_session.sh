@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The GPU work of the acceptance lists in one device call, lanes in parallel on separate GPUs.
-# Run from the checkout's root on the device machine after the devicekit bundles are loaded
-# (tests/gpu/README.md): the Ray/msgspec/gguf bundle in /tmp/site, FlashInfer (optional) moved
-# to /tmp/site-fi so that `auto` elsewhere keeps the Triton backends, and the peer's configs in
-# .peer/ (bench_peer). Every step runs under one deadline (LIMIT seconds from the start); logs
-# and JSON land in $OUT/r and come back as $OUT/results.tgz.
+# GPU work of the acceptance lists in one device call: lanes run in parallel, each on its own
+# GPUs, their steps one after the other. Run from the checkout's root on the device machine
+# after the devicekit bundles are loaded (tests/gpu/README.md): the Ray/msgspec/gguf bundle in
+# /tmp/site, FlashInfer (optional) moved to /tmp/site-fi so that `auto` elsewhere keeps the
+# Triton backends, and the peer's model configs in .peer/ (bench_peer). Every step runs under
+# one deadline (LIMIT seconds from the start); logs and JSON come back as $OUT/results.tgz.
 #
-#   bash scripts/gpu_session.sh LANE[,LANE...]    # lanes: eval tests kernels fi peer peer-goodput
-#                                                 #        cluster
+#   bash scripts/gpu_session.sh GPUS:STEP[,STEP...] [GPUS:STEP...]
+#   e.g. bash scripts/gpu_session.sh 0:tests 1:kernels,eval 2,3:peer
+#
+# Steps: tests (tests/gpu but FlashInfer and the cluster), fused, spec (test_spec_perf_cuda),
+# fi (FlashInfer attention tests), cluster (test_cluster_gpu), kernels (bench-kernels),
+# eval / eval32 (eval-drafter on the shipped heads, bf16 / float32), peer / peer-goodput
+# (bench_peer, outrider side, batches 1-32), sweep-attn (gpu_kernels.py --sweep),
+# sweep-moe (gpu_moe.py --sweep).
 set -u
-LANES=",${1:-eval,tests,kernels,peer},"
 LIMIT=${LIMIT:-560}
 source scripts/device_env.sh
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -18,67 +23,54 @@ R=$OUT/r
 mkdir -p "$R"
 GGUF=/tmp/devkit/files/SmolLM2-135M-Instruct.Q4_1.gguf
 HEADS=drafters/smollm2-135m-instruct
+CLI="python3 -m outrider.cluster.cli"
+PYTEST="python3 -m pytest -q -rP -p no:cacheprovider"
 END=$((SECONDS + LIMIT))
 left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
-CLI="python3 -m outrider.cluster.cli"
 step() {  # step NAME CMD...: run CMD under the deadline, output in $R/NAME.log
   local name=$1; shift
-  echo "[$(date +%T)] start $name" >>"$R/steps.log"
+  echo "[$(date +%T)] start $name (GPUs $CUDA_VISIBLE_DEVICES)" >>"$R/steps.log"
   timeout --kill-after=5 "$(left)" "$@" >"$R/$name.log" 2>&1
   local rc=$?
   echo "[$(date +%T)] end $name rc=$rc" >>"$R/steps.log"
 }
-has() { [[ $LANES == *",$1,"* ]]; }
+run_step() {
+  case $1 in
+    tests) step gpu-tests $PYTEST -m gpu tests/gpu --ignore=tests/gpu/test_flashinfer.py \
+      --ignore=tests/gpu/test_cluster_gpu.py --junitxml="$R/gpu-tests.xml" ;;
+    fused) step fused $PYTEST -m gpu tests/gpu/test_fused_layers.py ;;
+    spec) step spec $PYTEST -m gpu tests/gpu/test_spec_perf_cuda.py ;;
+    fi) [[ -d /tmp/site-fi ]] && PYTHONPATH=/tmp/site-fi:$PYTHONPATH step flashinfer \
+      $PYTEST -m gpu tests/gpu/test_flashinfer.py -k "not moe" ;;
+    cluster) step cluster env OUTRIDER_GGUF="$GGUF" $PYTEST -m gpu tests/gpu/test_cluster_gpu.py ;;
+    kernels) step bench-kernels $CLI bench-kernels --json "$R/bench_kernels.json" ;;
+    eval | eval32)
+      local dt=auto; [[ $1 == eval32 ]] && dt=float32
+      for m in eagle3 peagle dflash; do
+        step "$1-$m" $CLI eval-drafter --drafter "$HEADS/$m" --target "$GGUF" --device cuda \
+          --dtype $dt --num-prompts 16 --max-tokens 128 --json "$R/$1-$m.json"
+      done ;;
+    peer) step peer-fixed python3 benchmarks/bench_peer.py --side outrider --peer-dir .peer \
+      --batch-sizes 1,4,8,16,32 --json "$R/bench_peer_fixed.json" ;;
+    peer-goodput) step peer-goodput python3 benchmarks/bench_peer.py --side outrider \
+      --peer-dir .peer --batch-sizes 1,4,8,16,32 --draft-length-policy goodput \
+      --json "$R/bench_peer_goodput.json" ;;
+    sweep-attn) OUT=$R step sweep-attn python3 benchmarks/gpu_kernels.py --sweep ;;
+    sweep-moe) OUT=$R step sweep-moe python3 benchmarks/gpu_moe.py --sweep ;;
+    *) echo "unknown step $1" >>"$R/steps.log" ;;
+  esac
+}
 
 { nvidia-smi -L; python3 -c 'import torch; print(torch.__version__, torch.cuda.device_count())'; } \
   >"$R/machine.log" 2>&1
-NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-gpu() { echo $(($1 % NGPU)); }
-PAIR="$(gpu 2),$(gpu 3)"
-[[ $NGPU -lt 4 ]] && PAIR="0,$(gpu 1)"
-
-if has tests; then (
-  export CUDA_VISIBLE_DEVICES=$(gpu 0)
-  step gpu-tests python3 -m pytest -m gpu tests/gpu -q -rP -p no:cacheprovider \
-    --ignore=tests/gpu/test_flashinfer.py --ignore=tests/gpu/test_cluster_gpu.py \
-    --junitxml="$R/gpu-tests.xml"
-) & fi
-
-if has kernels || has eval || has fi; then (
-  export CUDA_VISIBLE_DEVICES=$(gpu 1)
-  if has kernels; then
-    step bench-kernels $CLI bench-kernels --json "$R/bench_kernels.json"
-  fi
-  if has eval; then
-    for m in eagle3 peagle dflash; do
-      step "eval-$m" $CLI eval-drafter --drafter "$HEADS/$m" --target "$GGUF" --device cuda \
-        --num-prompts 16 --max-tokens 128 --json "$R/eval-$m.json"
-    done
-  fi
-  if has fi && [[ -d /tmp/site-fi ]]; then
-    PYTHONPATH=/tmp/site-fi:$PYTHONPATH step flashinfer python3 -m pytest -m gpu \
-      tests/gpu/test_flashinfer.py -k "not moe" -q -rP -p no:cacheprovider
-  fi
-) & fi
-
-if has peer || has peer-goodput; then (
-  export CUDA_VISIBLE_DEVICES=$PAIR
-  if has peer; then
-    step peer-fixed python3 benchmarks/bench_peer.py --side outrider --peer-dir .peer \
-      --batch-sizes 1,4,8,16,32 --json "$R/bench_peer_fixed.json"
-  fi
-  if has peer-goodput; then
-    step peer-goodput python3 benchmarks/bench_peer.py --side outrider --peer-dir .peer \
-      --batch-sizes 1,4,8,16,32 --draft-length-policy goodput --json "$R/bench_peer_goodput.json"
-  fi
-) & fi
-
-if has cluster; then (
-  step cluster env OUTRIDER_GGUF="$GGUF" python3 -m pytest -m gpu tests/gpu/test_cluster_gpu.py \
-    -q -rP -x -p no:cacheprovider
-) & fi
-
+for lane in "$@"; do
+  (
+    export CUDA_VISIBLE_DEVICES=${lane%%:*}
+    IFS=, read -ra steps <<<"${lane#*:}"
+    for s in "${steps[@]}"; do run_step "$s"; done
+  ) &
+done
 wait
-tar -czf "$OUT/results.tgz" -C "$OUT" r
 cat "$R/steps.log"
-for f in "$R"/*.log; do echo "== $f"; tail -n 8 "$f"; done
+for f in "$R"/*.log; do echo "== $f"; tail -n 6 "$f"; done
+tar -czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$R"
