@@ -42,7 +42,8 @@ run_step() {
     spec) step spec $PYTEST -m gpu tests/gpu/test_spec_perf_cuda.py ;;
     fi) [[ -d /tmp/site-fi ]] && PYTHONPATH=/tmp/site-fi:$PYTHONPATH step flashinfer \
       $PYTEST -m gpu tests/gpu/test_flashinfer.py -k "not moe" ;;
-    cluster) step cluster env OUTRIDER_GGUF="$GGUF" $PYTEST -m gpu tests/gpu/test_cluster_gpu.py ;;
+    cluster) OUT=$R step cluster env OUTRIDER_GGUF="$GGUF" $PYTEST -m gpu \
+      tests/gpu/test_cluster_gpu.py ;;
     kernels) step bench-kernels $CLI bench-kernels --json "$R/bench_kernels.json" ;;
     eval | eval32)
       local dt=auto; [[ $1 == eval32 ]] && dt=float32
