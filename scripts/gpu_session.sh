@@ -13,7 +13,9 @@
 # fi (FlashInfer attention tests), cluster (test_cluster_gpu), kernels (bench-kernels),
 # eval / eval32 (eval-drafter on the shipped heads, bf16 / float32), peer / peer-goodput
 # (bench_peer, outrider side, batches 1-32), sweep-attn (gpu_kernels.py --sweep),
-# sweep-moe (gpu_moe.py --sweep).
+# sweep-moe (gpu_moe.py --sweep), moe-tests / attn-tests (one kernel test file), profile-tgt /
+# profile-moe (benchmarks/profile_round.py, EAGLE-3 at batch 1). STEP@0+1 runs one step on other
+# GPUs (here 0 and 1) than its lane's.
 set -u
 LIMIT=${LIMIT:-560}
 source scripts/device_env.sh
@@ -39,6 +41,10 @@ run_step() {
     tests) step gpu-tests $PYTEST -m gpu tests/gpu --ignore=tests/gpu/test_flashinfer.py \
       --ignore=tests/gpu/test_cluster_gpu.py --junitxml="$R/gpu-tests.xml" ;;
     fused) step fused $PYTEST -m gpu tests/gpu/test_fused_layers.py ;;
+    moe-tests) step moe-tests $PYTEST -m gpu tests/gpu/test_triton_moe.py ;;
+    attn-tests) step attn-tests $PYTEST -m gpu tests/gpu/test_triton_attention.py ;;
+    profile-tgt) step profile-tgt python3 benchmarks/profile_round.py tgt eagle3 --peer-dir .peer ;;
+    profile-moe) step profile-moe python3 benchmarks/profile_round.py moe eagle3 --peer-dir .peer ;;
     spec) step spec $PYTEST -m gpu tests/gpu/test_spec_perf_cuda.py ;;
     fi) [[ -d /tmp/site-fi ]] && PYTHONPATH=/tmp/site-fi:$PYTHONPATH step flashinfer \
       $PYTEST -m gpu tests/gpu/test_flashinfer.py -k "not moe" ;;
@@ -68,7 +74,10 @@ for lane in "$@"; do
   (
     export CUDA_VISIBLE_DEVICES=${lane%%:*}
     IFS=, read -ra steps <<<"${lane#*:}"
-    for s in "${steps[@]}"; do run_step "$s"; done
+    for s in "${steps[@]}"; do
+      if [[ $s == *@* ]]; then (g=${s#*@}; export CUDA_VISIBLE_DEVICES=${g//+/,}; run_step "${s%@*}")
+      else run_step "$s"; fi
+    done
   ) &
 done
 wait

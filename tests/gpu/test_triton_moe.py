@@ -247,9 +247,9 @@ def test_align_matches_reference_exactly(
 
 @pytest.mark.parametrize("pair_major", [False, True])
 def test_output_is_deterministic(pair_major: bool, gen: torch.Generator) -> None:
-    t = 1 if pair_major else 40
-    case = make_case(gen, t, 8, 4, *SHAPES[-1], HALF)
-    assert tile_config(t, 4, 8, *SHAPES[-1], HALF, fp8=False).pair_major == pair_major
+    t, k = (2, 2) if pair_major else (40, 4)
+    case = make_case(gen, t, 8, k, *SHAPES[-1], HALF)
+    assert tile_config(t, k, 8, *SHAPES[-1], HALF, fp8=False).pair_major == pair_major
     first, second = run(case), run(case)
     assert torch.equal(first, second)
 
