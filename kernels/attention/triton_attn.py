@@ -342,9 +342,10 @@ def _tile_config(max_q: int, group: int, hd: int, dtype: torch.dtype) -> tuple[i
         return max(16, triton.next_power_of_2(group)), 16, 4, 2
     block_n = 64 if block_d <= 128 else 32
     num_warps = 8 if block_m >= 128 else 4
-    # NOTE: decode/verify tiles (block_m <= 64) loop over few key tiles per split: two stages
-    # (H200 sweep: 48 us against 59 us at batch 8, 4k keys); prefill tiles keep three.
-    stages = 3 if block_d <= 128 and block_m >= 128 else 2
+    # NOTE: decode tiles (block_m 16) loop over few key tiles per split: two stages (H200, 4k
+    # keys: 47.6 us against 57.0 at batch 8, 286 against 311 at batch 64); verify tiles
+    # (block_m 32, 64) lost with two (75.7 us against 65.5 at batch 8) and keep three.
+    stages = 2 if block_m <= 16 or block_d > 128 else 3
     return block_m, block_n, num_warps, stages
 
 
