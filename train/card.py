@@ -67,7 +67,8 @@ def write_card(
 
 
 def refresh_card(out: Path) -> None:
-    """Render README.md from run.json (training) and eval.json (held-out evaluation)."""
+    """Render README.md from run.json (training), eval.json (held-out evaluation) and any
+    eval-<where>.json (the same evaluation on another machine)."""
     run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
     facts = run.get("facts", {})
     method = facts.get("method", out.name)
@@ -99,6 +100,15 @@ def refresh_card(out: Path) -> None:
             "",
             "```json",
             evals.read_text().strip(),
+            "```",
+            "",
+        ]
+    for extra in sorted(out.glob("eval-*.json")):
+        lines += [
+            f"Held-out evaluation elsewhere (`{extra.name}`):",
+            "",
+            "```json",
+            extra.read_text().strip(),
             "```",
             "",
         ]
