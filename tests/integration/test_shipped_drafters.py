@@ -48,6 +48,14 @@ def test_default_is_the_fastest_head_the_layout_can_run() -> None:
     assert choose_method(can_draft_in_parallel=False) == "eagle3"
     spec = default_speculative(pipeline_parallel_size=2)
     assert spec is not None and spec["model"] == str(shipped_drafters()["eagle3"])
+    # NOTE: on a GPU the ranking is the GPU's own measurement (P-EAGLE there, EAGLE-3 here).
+    gpu = measured_tokens_per_s("cuda")
+    assert set(gpu) >= {"eagle3", "peagle", "dflash"}
+    best = max(["eagle3", "peagle", "dflash"], key=lambda m: gpu[m])
+    assert choose_method(can_draft_in_parallel=True, device="cuda") == best
+    assert choose_method(can_draft_in_parallel=False, device="cuda") == "eagle3"
+    spec = default_speculative(device="cuda")
+    assert spec is not None and spec["model"] == str(shipped_drafters()[best])
 
 
 @pytest.fixture(scope="module")
