@@ -58,7 +58,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         )
         for p in prompts
     ]
-    ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
+    ids = [[int(t) for t in (x["input_ids"] if hasattr(x, "keys") else x)] for x in ids]
     async for _ in engine.generate(ids[0], params):  # warm-up
         pass
     stats = engine.core.stats
@@ -84,6 +84,10 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         "overhead_ms": (stats.overhead_s - o0) / n * 1e3,
         "in_calls_not_forward_ms": (calls - forward) / n * 1e3,
         "between_calls_ms": (wall - calls) / n * 1e3,
+        "propose_call_ms": (call_s["propose"] - c0["propose"]) / n * 1e3,
+        "draft_forward_ms": (stats.draft_s - d0) / n * 1e3,
+        "verify_call_ms": (call_s["verify"] - c0["verify"]) / n * 1e3,
+        "verify_forward_ms": (stats.verify_s - v0) / n * 1e3,
     }
     await router.shutdown()
     return out
