@@ -1,11 +1,13 @@
 """gRPC client of the worker protocol, and its adapters to the round loop's interfaces.
 
 Messages are msgspec structs (see ``outrider.workers.protocol``); tensors travel as raw bytes.
-Every call carries the deployment token and a deadline.
+Calls go as frames over one persistent bidirectional stream per client (opened on first use
+with the deployment token, reopened after an error), each with its own deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -18,6 +20,9 @@ from outrider.workers.proposers.base import DraftMode, ProposeItem, ProposeResul
 from outrider.workers.protocol import (
     METHODS,
     SERVICE,
+    STREAM_METHOD,
+    STREAM_METHOD_IDS,
+    STREAM_OK,
     TOKEN_METADATA_KEY,
     DescribeRequest,
     DescribeResponse,
@@ -36,6 +41,7 @@ from outrider.workers.protocol import (
 from outrider.workers.verifier import VerifyItem, VerifyResult
 
 R = TypeVar("R", bound=msgspec.Struct)
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 class WorkerCallError(RuntimeError):
@@ -78,7 +84,9 @@ class WorkerClient:
         ]
         self._channel = grpc.aio.insecure_channel(address, options=opts)
         self._meta = ((TOKEN_METADATA_KEY, token),)
-        self._calls = {name: self._channel.unary_unary(f"/{SERVICE}/{name}") for name in METHODS}
+        self._open_stream = self._channel.stream_stream(f"/{SERVICE}/{STREAM_METHOD}")
+        self._stream: Any = None  # grpc.aio.StreamStreamCall, opened on first use
+        self._stream_lock = asyncio.Lock()
         self._encoder = msgspec.msgpack.Encoder()
         self._decoders = {
             name: msgspec.msgpack.Decoder(resp) for name, (_, resp) in METHODS.items()
@@ -86,18 +94,44 @@ class WorkerClient:
         self._caps: DrafterCapabilities | None = None
 
     async def close(self) -> None:
+        self._drop_stream()
         await self._channel.close()
 
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+
+    def _error(self, name: str, code: str, details: str) -> WorkerCallError:
+        return WorkerCallError(f"{self.group} {name} at {self.address} failed: {code}: {details}")
+
     async def _call(self, name: str, req: msgspec.Struct, timeout: float | None = None) -> Any:
-        try:
-            raw = await self._calls[name](
-                self._encoder.encode(req), metadata=self._meta, timeout=timeout or self.timeout_s
-            )
-        except grpc.aio.AioRpcError as e:
-            raise WorkerCallError(
-                f"{self.group} {name} at {self.address} failed: {e.code().name}: {e.details()}"
-            ) from None
-        return self._decoders[name].decode(raw)
+        frame = bytes([STREAM_METHOD_IDS[name]]) + self._encoder.encode(req)
+        limit = timeout or self.timeout_s
+        async with self._stream_lock:
+            if self._stream is None:
+                self._stream = self._open_stream(metadata=self._meta)
+            stream = self._stream
+            try:
+                await stream.write(frame)
+                reply = await asyncio.wait_for(stream.read(), limit)
+            except TimeoutError:
+                self._drop_stream()
+                raise self._error(name, "DEADLINE_EXCEEDED", f"no reply in {limit:g} s") from None
+            except Exception:  # noqa: BLE001
+                # NOTE: the stream ended (a wrong token, a message over the size limit, the
+                # worker gone): report its status and open a new stream on the next call.
+                self._stream = None
+                code, details = await stream.code(), await stream.details()
+                raise self._error(name, code.name, details) from None
+            if reply is grpc.aio.EOF:
+                self._stream = None
+                code, details = await stream.code(), await stream.details()
+                raise self._error(name, code.name, details or "the worker closed the stream")
+        if reply[0] != STREAM_OK:
+            status = _STATUS_NAMES.get(reply[0], str(reply[0]))
+            raise self._error(name, status, bytes(reply[1:]).decode(errors="replace"))
+        return self._decoders[name].decode(memoryview(reply)[1:])
 
     async def health(self, timeout: float = 5.0) -> bool:
         stub = health_pb2_grpc.HealthStub(self._channel)

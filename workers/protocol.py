@@ -144,6 +144,14 @@ METHODS: dict[str, tuple[type[msgspec.Struct], type[msgspec.Struct]]] = {
     "Release": (ReleaseRequest, ReleaseResponse),
 }
 TOKEN_METADATA_KEY = "x-outrider-token"
+# NOTE: the round's calls also travel over one persistent bidirectional stream per client
+# (/outrider.Worker/Calls): a request frame is one byte of method id (the order of METHODS)
+# then the msgspec request; a reply frame is one byte of status (STREAM_OK or the gRPC status
+# code of the error) then the msgspec response or the UTF-8 error message. Replies come in
+# request order.
+STREAM_METHOD = "Calls"
+STREAM_METHOD_IDS = {name: i for i, name in enumerate(METHODS)}
+STREAM_OK = 0
 
 
 _DTYPES: dict[str, torch.dtype] = {

@@ -78,6 +78,12 @@ def test_verify_propose_release_describe_over_grpc(tiny_model) -> None:  # type:
             await bad.close()
             with pytest.raises(WorkerCallError, match="INVALID_ARGUMENT"):
                 await dc.verify([VerifyItem(Delta(2, 0, [5]), [], None, params)])
+            # NOTE: an error reply leaves the client's stream open; a missed deadline drops it
+            # and the next call opens a new one.
+            assert (await dc.describe()).role == "drafter"
+            with pytest.raises(WorkerCallError, match="DEADLINE_EXCEEDED"):
+                await tc.describe(timeout=1e-9)
+            assert (await tc.describe()).role == "target"
         finally:
             await tc.close()
             await dc.close()
