@@ -120,3 +120,74 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyFactory:
         return cache[key]
 
     return make
+
+
+class PatternDraftLength:
+    """A draft-length policy that cycles a fixed pattern of k (drives the switch-off point
+    deterministically); same interface as ``cluster/draft_length.py``'s policies."""
+
+    def __init__(self, max_k: int, pattern: list[int]) -> None:
+        self.max_k = max_k
+        self.pattern = list(pattern)
+        self.num_rounds = 0
+
+    def choose(self, num_decode: int, num_other_tokens: int = 0) -> int:
+        k = self.pattern[self.num_rounds % len(self.pattern)]
+        self.num_rounds += 1
+        return k
+
+    def observe_acceptance(self, drafted: list[tuple[int, int]]) -> None:
+        pass
+
+    def observe_verify(self, num_tokens: int, seconds: float) -> None:
+        pass
+
+    def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def pattern_draft_length() -> type[PatternDraftLength]:
+    return PatternDraftLength
+
+
+def _wait_serve_app(name: str, timeout_s: float = 300.0) -> None:
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise AssertionError(f"{name}: {status.status}: {status.message}")
+        assert time.monotonic() < deadline, f"{name} did not start: {status}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def wait_serve_app() -> Callable[..., None]:
+    """``wait_serve_app(name, timeout_s=300)``: until the Serve application runs (fails on
+    DEPLOY_FAILED / UNHEALTHY)."""
+    return _wait_serve_app
+
+
+@pytest.fixture(scope="session")
+def deploy_router() -> Callable[..., Any]:
+    """``deploy_router(name, config, timeout_s=300) -> handle``: the outrider router as the
+    Serve application ``name`` at /name, once it runs."""
+
+    def deploy(name: str, config: Any, timeout_s: float = 300.0) -> Any:
+        from ray import serve
+
+        from outrider.cluster.router import build_router_deployment
+
+        serve.run(
+            build_router_deployment(config), name=name, route_prefix=f"/{name}", blocking=False
+        )
+        _wait_serve_app(name, timeout_s)
+        return serve.get_app_handle(name)
+
+    return deploy

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import socket
-import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -57,21 +57,12 @@ def _for_this_machine(serve_yaml: dict[str, Any], port: int) -> dict[str, Any]:
     return cfg
 
 
-def _wait_running(name: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = serve.status().applications.get(name)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise AssertionError(f"{name}: {status.status}: {status.message}")
-        assert time.monotonic() < deadline, f"{name} did not start: {status}"
-        time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_serve_run_deploy_serve_yaml_answers_a_request(
-    tmp_path: Path, serve_yaml: dict[str, Any], serve_check: ModuleType
+    tmp_path: Path,
+    serve_yaml: dict[str, Any],
+    serve_check: ModuleType,
+    wait_serve_app: Callable[..., None],
 ) -> None:
     from click.testing import CliRunner
     from ray.serve._private.constants import SERVE_NAMESPACE
@@ -97,7 +88,7 @@ def test_serve_run_deploy_serve_yaml_answers_a_request(
     try:
         result = CliRunner().invoke(cli, ["run", str(path), "--non-blocking"])
         assert result.exit_code == 0, result.output
-        _wait_running("outrider")
+        wait_serve_app("outrider")
 
         # Serve applied the deployment settings of the file (not the defaults in code).
         client = serve.context._get_global_client()

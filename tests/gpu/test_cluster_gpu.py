@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,21 +207,6 @@ def cluster() -> Iterator[int]:
     ray.shutdown()
 
 
-def _deploy(name: str, cfg: Any) -> Any:
-    from outrider.cluster.router import build_router_deployment
-
-    serve.run(build_router_deployment(cfg), name=name, route_prefix=f"/{name}", blocking=False)
-    deadline = time.monotonic() + 600
-    while True:
-        status = serve.status().applications.get(name)
-        if status is not None and status.status == "RUNNING":
-            return serve.get_app_handle(name)
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"{name}: {status.status} {status.message}")
-        assert time.monotonic() < deadline, f"{name}: deployment did not start"
-        time.sleep(0.5)
-
-
 def _request(client: openai.OpenAI, model: Model, mode: str, prompt: str, stream: bool) -> Any:
     kw: dict[str, Any] = {
         "model": model.name,
@@ -333,10 +317,11 @@ def _run_case(
     tp: int,
     port: int,
     reference: Callable[[Model], tuple[Outputs, Outputs]],
+    deploy_router: Callable[..., Any],
 ) -> None:
     want, plain = reference(model)
     name = case.replace("_", "-")
-    handle = _deploy(name, load_config(None, _config(model, cluster=True, tp=tp)))
+    handle = deploy_router(name, load_config(None, _config(model, cluster=True, tp=tp)), 600)
     try:
         groups = _check_placement(handle.describe.remote().result(), tp)
         client = openai.OpenAI(
@@ -413,14 +398,14 @@ def _needs_gpus(n: int) -> pytest.MarkDecorator:
 @_needs_gpus(2)
 @pytest.mark.parametrize("model_name", ["smollm2", "moe"])
 def test_two_gpus_target_and_drafter_apart(  # type: ignore[no-untyped-def]
-    model_name: str, cluster: int, models: dict[str, Model], reference
+    model_name: str, cluster: int, models: dict[str, Model], reference, deploy_router
 ) -> None:
-    _run_case(f"2gpu_{model_name}", models[model_name], 1, cluster, reference)
+    _run_case(f"2gpu_{model_name}", models[model_name], 1, cluster, reference, deploy_router)
 
 
 @_needs_gpus(3)
 def test_four_gpu_layout_tp2_target_and_drafter_apart(  # type: ignore[no-untyped-def]
-    cluster: int, models: dict[str, Model], reference
+    cluster: int, models: dict[str, Model], reference, deploy_router
 ) -> None:
     # NOTE: SmolLM2-135M has 9 attention heads and 3 KV heads: it cannot be split over TP=2.
-    _run_case("4gpu_layout_moe", models["moe"], 2, cluster, reference)
+    _run_case("4gpu_layout_moe", models["moe"], 2, cluster, reference, deploy_router)

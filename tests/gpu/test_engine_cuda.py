@@ -9,35 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.gpu
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        max_position_embeddings=1024,
-    )
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    return path
 
 
 def _generate(path: Path, attention: str, spec: bool) -> tuple[list[list[int]], object]:

@@ -8,7 +8,6 @@ plain decoding on the same GPU, and synthetic acceptance must accept at its rate
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,53 +18,6 @@ pytestmark = pytest.mark.gpu
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [20, 21, 22, 23, 24, 25, 26, 27, 28], [30, 31, 30, 31, 30]]
 PATTERN = [4, 0, 2, 0, 0, 3, 1, 4, 4, 0]
-
-
-class PatternDraftLength:
-    """Draft lengths from a fixed cycle: drives the switch-off point deterministically."""
-
-    def __init__(self, max_k: int, pattern: Sequence[int]) -> None:
-        self.max_k = max_k
-        self.pattern = list(pattern)
-        self.num_rounds = 0
-
-    def choose(self, num_decode: int, num_other_tokens: int = 0) -> int:
-        k = self.pattern[self.num_rounds % len(self.pattern)]
-        self.num_rounds += 1
-        return k
-
-    def observe_acceptance(self, drafted: Sequence[tuple[int, int]]) -> None:
-        pass
-
-    def observe_verify(self, num_tokens: int, seconds: float) -> None:
-        pass
-
-    def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        max_position_embeddings=1024,
-    )
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    return path
 
 
 def _llm(path: Path, drafter_device: str = "cuda", **spec: Any) -> Any:
@@ -106,9 +58,11 @@ def plain(tiny_dir: Path) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
-def test_switching_k_is_lossless(tiny_dir: Path, plain: list[list[int]], overlap: bool) -> None:
+def test_switching_k_is_lossless(
+    tiny_dir: Path, plain: list[list[int]], overlap: bool, pattern_draft_length: Any
+) -> None:
     llm = _llm(tiny_dir, overlap=overlap)
-    llm.engine.policy = PatternDraftLength(4, PATTERN)
+    llm.engine.policy = pattern_draft_length(4, PATTERN)
     assert [o.token_ids for o in llm.generate(PROMPTS, _greedy())] == plain
     by_k = llm.engine.stats.rounds_by_k
     assert by_k.get(0, 0) > 0 and sum(n for k, n in by_k.items() if k > 0) > 0, by_k

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -32,29 +32,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=29, ignore_eos=True)
 PATTERN = [3, 0, 2, 0, 0, 0, 3, 1, 0, 3, 3, 0, 2]
 
 
-class PatternDraftLength:
-    """Draft lengths from a fixed cycle: drives the switch-off point deterministically."""
-
-    def __init__(self, max_k: int, pattern: Sequence[int]) -> None:
-        self.max_k = max_k
-        self.pattern = list(pattern)
-        self.num_rounds = 0
-
-    def choose(self, num_decode: int, num_other_tokens: int = 0) -> int:
-        k = self.pattern[self.num_rounds % len(self.pattern)]
-        self.num_rounds += 1
-        return k
-
-    def observe_acceptance(self, drafted: Sequence[tuple[int, int]]) -> None:
-        pass
-
-    def observe_verify(self, num_tokens: int, seconds: float) -> None:
-        pass
-
-    def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None:
-        pass
-
-
 def _target(path: object) -> WorkerConfig:
     return WorkerConfig(
         model=ModelConfig(path=str(path), dtype="float64"), cache=CacheConfig(block_size=4)
@@ -66,8 +43,8 @@ def _plain(path: object) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
 
 
-def _check_switching(llm: LLM, plain: list[list[int]]) -> None:
-    llm.engine.policy = PatternDraftLength(3, PATTERN)
+def _check_switching(llm: LLM, plain: list[list[int]], policy: Any) -> None:
+    llm.engine.policy = policy
     outs = llm.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == plain
     by_k = llm.engine.stats.rounds_by_k
@@ -87,7 +64,7 @@ def _eagle3_helpers() -> ModuleType:
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
-def test_ngram(overlap: bool, tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_ngram(overlap: bool, tiny_model, pattern_draft_length) -> None:  # type: ignore[no-untyped-def]
     path, _ = tiny_model("llama")
     spec = SpeculativeConfig(
         method="ngram",
@@ -96,12 +73,13 @@ def test_ngram(overlap: bool, tiny_model) -> None:  # type: ignore[no-untyped-de
         prompt_lookup_max=3,
         overlap=overlap,
     )
-    _check_switching(LLM(OutriderConfig(target=_target(path), speculative=spec)), _plain(path))
+    llm = LLM(OutriderConfig(target=_target(path), speculative=spec))
+    _check_switching(llm, _plain(path), pattern_draft_length(3, PATTERN))
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("drafter", ["self", "dense"])
-def test_draft_model(drafter: str, overlap: bool, tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_draft_model(drafter: str, overlap: bool, tiny_model, pattern_draft_length) -> None:  # type: ignore[no-untyped-def]
     """With overlap, prepared drafts are cut to a shorter k, or dropped when k goes to 0."""
     path, _ = tiny_model("llama")
     draft = path if drafter == "self" else tiny_model("qwen3", seed=5)[0]
@@ -113,13 +91,13 @@ def test_draft_model(drafter: str, overlap: bool, tiny_model) -> None:  # type: 
         overlap=overlap,
     )
     llm = LLM(OutriderConfig(target=_target(path), speculative=spec))
-    _check_switching(llm, _plain(path))
+    _check_switching(llm, _plain(path), pattern_draft_length(3, PATTERN))
     if overlap and drafter == "self":
         assert llm.engine.stats.num_overlap_hits > 0
 
 
 @pytest.mark.parametrize("method", ["eagle3", "peagle"])
-def test_eagle3_family(method: str, tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_eagle3_family(method: str, tiny_model, tmp_path: Path, pattern_draft_length) -> None:  # type: ignore[no-untyped-def]
     """Hidden-state rows of the skipped rounds reach the drafter with its catch-up delta."""
     helpers = _eagle3_helpers()
     _, base = tiny_model("llama")
@@ -148,7 +126,7 @@ def test_eagle3_family(method: str, tiny_model, tmp_path: Path) -> None:  # type
     spec = SpeculativeConfig(model=str(ckpt), num_speculative_tokens=3)
     llm = LLM(OutriderConfig(target=_target(target), speculative=spec))
     assert llm.drafter is not None and llm.drafter.capabilities.needs_target_hidden_states
-    _check_switching(llm, _plain(target))
+    _check_switching(llm, _plain(target), pattern_draft_length(3, PATTERN))
 
 
 def test_goodput_policy_switches_off_and_probes(tiny_model) -> None:  # type: ignore[no-untyped-def]

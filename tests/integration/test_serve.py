@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from outrider.cluster.config import OutriderConfig, load_config
+from outrider.cluster.config import load_config
 from outrider.cluster.llm import EMBEDDED_MODEL_NAME, LLM
 from outrider.workers.config import SamplingParams
 
@@ -54,21 +54,6 @@ def cluster() -> Iterator[int]:
     ray.shutdown()
 
 
-def _deploy(name: str, cfg: OutriderConfig) -> Any:
-    from outrider.cluster.router import build_router_deployment
-
-    serve.run(build_router_deployment(cfg), name=name, route_prefix=f"/{name}", blocking=False)
-    deadline = time.monotonic() + 300
-    while True:
-        status = serve.status().applications.get(name)
-        if status is not None and status.status == "RUNNING":
-            return serve.get_app_handle(name)
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"{name}: {status.status} {status.message}")
-        assert time.monotonic() < deadline, "deployment did not start"
-        time.sleep(0.5)
-
-
 def _client(port: int, name: str) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=f"http://127.0.0.1:{port}/{name}/v1", api_key=API_KEY, max_retries=0
@@ -76,7 +61,7 @@ def _client(port: int, name: str) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def default_app(cluster: int) -> Iterator[tuple[openai.OpenAI, Any, str]]:
+def default_app(cluster: int, deploy_router: Any) -> Iterator[tuple[openai.OpenAI, Any, str]]:
     cfg = load_config(
         None,
         {
@@ -90,7 +75,7 @@ def default_app(cluster: int) -> Iterator[tuple[openai.OpenAI, Any, str]]:
             "server": {"api_key": API_KEY},
         },
     )
-    handle = _deploy("smol", cfg)
+    handle = deploy_router("smol", cfg)
     yield _client(cluster, "smol"), handle, f"http://127.0.0.1:{cluster}/smol"
     serve.delete("smol")
 
@@ -288,7 +273,7 @@ def _peagle_head(path: Path, hf: Any) -> Path:
 
 
 def test_pp2_peagle_drafter_falls_back_visibly(
-    cluster: int, in_process: LLM, tmp_path: Path
+    cluster: int, in_process: LLM, tmp_path: Path, deploy_router: Any
 ) -> None:
     head = _peagle_head(tmp_path / "peagle", in_process.runner.hf_config)
     cfg = load_config(
@@ -303,7 +288,7 @@ def test_pp2_peagle_drafter_falls_back_visibly(
             },
         },
     )
-    handle = _deploy("peagle", cfg)
+    handle = deploy_router("peagle", cfg)
     try:
         caps = handle.describe.remote().result()["drafter"]["capabilities"]
         assert caps["parallel_drafting"] is False
