@@ -51,17 +51,9 @@ from outrider.kernels.sampling.triton_rejection import (  # noqa: E402
 )
 
 if OPTS.smoke:
-    import numpy as np
-    from triton.runtime import interpreter
+    from outrider.kernels.interpreter import patch_numpy_index
 
-    _orig = interpreter._patch_lang_tensor
-
-    def _patched(tensor, scope):  # type: ignore[no-untyped-def]
-        # Triton 3.6's interpreter takes int() of 1-element arrays, which numpy >= 2.4 refuses.
-        _orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).flat[0]))
-
-    interpreter._patch_lang_tensor = _patched
+    patch_numpy_index()
     DEV = torch.device("cpu")
     DTYPE = torch.float16  # the interpreter has no bfloat16 arithmetic
     N_HEADS, N_KV, HD, BS = 8, 2, 64, 16

@@ -260,7 +260,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not _SMOKE and not torch.cuda.is_available():
         sys.exit("gpu_moe.py needs a CUDA device (or --smoke for an interpreter run)")
     if _SMOKE:
-        _patch_interpreter_index()
+        from outrider.kernels.interpreter import patch_numpy_index
+
+        patch_numpy_index()
         shape, dtype = dict(H=64, E=8, top_k=2, I=32), torch.float16
         tokens = [1, 5]
     else:
@@ -287,20 +289,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         with open(os.path.join(out_dir, "gpu_moe.json"), "w") as fh:
             json.dump(rows, fh, indent=1)
     return rows
-
-
-def _patch_interpreter_index() -> None:
-    """Triton 3.6's interpreter takes int() of 1-element arrays, which numpy >= 2.4 refuses."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    orig = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):  # type: ignore[no-untyped-def]
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).flat[0]))
-
-    interpreter._patch_lang_tensor = patched
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from outrider.kernels import linear as cpu_linear
+from outrider.kernels.fused import skinny_gemm as skinny
 from outrider.workers.distributed import get_tp_group
 
 
@@ -68,8 +69,50 @@ class LinearBase(nn.Module):
     def invalidate_packed(self) -> None:
         self._packed = None
 
+    # NOTE: True where the local product is a partial sum that the TP group all-reduces.
+    reduces_output = False
+
+    def skinny_config(
+        self, x: torch.Tensor, prologue: skinny.Prologue
+    ) -> skinny.SkinnyConfig | None:
+        """Tiles of the skinny GEMM when it runs this call with this prologue (host-side only)."""
+        if x.requires_grad:
+            return None
+        return skinny.plan(x, self.weight, prologue)
+
+    def fused_forward(
+        self,
+        x: torch.Tensor,
+        config: skinny.SkinnyConfig,
+        prologue: skinny.Prologue,
+        *,
+        norm_weight: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        eps: float = 1e-6,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward(prologue(x))`` in one skinny GEMM launch (plus the TP all-reduce)."""
+        reduce = self.reduces_output
+        out, res = skinny.skinny_gemm(
+            x,
+            self.weight,
+            None if reduce else self.bias,
+            prologue=prologue,
+            norm_weight=norm_weight,
+            residual=residual,
+            eps=eps,
+            config=config,
+        )  # [M, N]
+        if reduce:
+            out = get_tp_group().all_reduce(out)
+            if self.bias is not None:
+                out = out + self.bias
+        return out, res
+
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = self.weight
+        cfg = self.skinny_config(x, "none")
+        if cfg is not None:
+            return skinny.skinny_gemm(x, w, bias, config=cfg)[0]
         if x.requires_grad or not cpu_linear.can_pack(w) or x.dtype != w.dtype:
             return F.linear(x, w, bias)
         if self._packed is None:
@@ -179,6 +222,7 @@ class RowParallelLinear(LinearBase):
         if input_size % tp_size:
             raise ValueError(f"input size {input_size} is not divisible by TP size {tp_size}")
         super().__init__(input_size // tp_size, output_size, bias)
+        self.reduces_output = self.tp_size > 1
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None

@@ -16,6 +16,7 @@ from transformers import PretrainedConfig
 
 from outrider.workers.layers.activation import SiluAndMul
 from outrider.workers.layers.attention import Attention
+from outrider.workers.layers.fused_linear import norm_linear, silu_mul_linear
 from outrider.workers.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -56,7 +57,14 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, H]
+        return silu_mul_linear(self.down_proj, self.act_fn, self.gate_up_proj(x))  # [T, H]
+
+    def forward_normed(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(norm(x + residual)), x + residual)``, the norm fused where it pays."""
+        gate_up, residual = norm_linear(norm, self.gate_up_proj, x, residual)  # [T, 2I]
+        return silu_mul_linear(self.down_proj, self.act_fn, gate_up), residual
 
 
 class LlamaAttention(nn.Module):
@@ -96,7 +104,21 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)  # [T, (nH + 2 nKV) hd]
+        return self._attend(positions, self.qkv_proj(hidden_states))
+
+    def forward_normed(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: RMSNorm,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(norm(x + residual)), x + residual)``, the norm fused where it pays."""
+        qkv, residual = norm_linear(norm, self.qkv_proj, x, residual)
+        return self._attend(positions, qkv), residual
+
+    def _attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """q/k norm, rotary, attention and o_proj of ``qkv [T, (nH + 2 nKV) hd]``."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:
             t = q.shape[0]
@@ -120,12 +142,11 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states: torch.Tensor,  # [T, H]
         residual: torch.Tensor | None,  # [T, H]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.self_attn.forward_normed(
+            positions, hidden_states, residual, self.input_layernorm
+        )
+        if isinstance(self.mlp, LlamaMLP):
+            return self.mlp.forward_normed(hidden_states, residual, self.post_attention_layernorm)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
