@@ -146,7 +146,7 @@ def smoke_drafter(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- outrider side --------------------------------------------------------------------------
-def _sync(devices: Sequence[str]) -> None:
+def sync_devices(devices: Sequence[str]) -> None:
     import torch
 
     for d in devices:
@@ -247,10 +247,10 @@ def measure_outrider(case: Case, s: Settings) -> Result:
     def run(bs: int, n: int) -> tuple[float, float | None]:
         prompts = [[rng.randrange(3, hi) for _ in range(s.prompt_len)] for _ in range(bs)]
         params = SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0)
-        _sync(devices)
+        sync_devices(devices)
         t = time.perf_counter()
         outs = llm.generate(prompts, params)
-        _sync(devices)
+        sync_devices(devices)
         dt = time.perf_counter() - t
         got = [len(o.token_ids) for o in outs]
         if got != [n] * bs:
@@ -265,16 +265,16 @@ def measure_outrider(case: Case, s: Settings) -> Result:
         # NOTE: CUDA graphs are captured on first use; vLLM captures its own at start-up.
         run(bs, 8)
         t1, _ = run(bs, 1)
-        before = _split_totals(llm.engine.stats)
+        before = split_totals(llm.engine.stats)
         tn, al = run(bs, s.num_tokens + 1)
-        result.split[bs] = _split_means(before, _split_totals(llm.engine.stats))
+        result.split[bs] = split_means(before, split_totals(llm.engine.stats))
         result.ms[bs] = (tn - t1) / s.num_tokens * 1e3
         result.ttft_ms[bs] = t1 * 1e3
         result.acceptance_length[bs] = al
     return result
 
 
-def _split_totals(stats: Any) -> dict[str, float]:
+def split_totals(stats: Any) -> dict[str, float]:
     k_sum = sum(k * n for k, n in stats.rounds_by_k.items())
     return {
         "rounds": float(stats.num_rounds),
@@ -286,7 +286,7 @@ def _split_totals(stats: Any) -> dict[str, float]:
     }
 
 
-def _split_means(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+def split_means(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     n = b["rounds"] - a["rounds"]
     if n <= 0:
         return {"rounds": 0.0}

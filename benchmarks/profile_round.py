@@ -2,17 +2,27 @@
 
     python3 benchmarks/profile_round.py tgt eagle3 --batch 1 --tokens 64
     python3 benchmarks/profile_round.py moe eagle3 --batch 1 --smoke   # CPU, tiny shapes
+    python3 benchmarks/profile_round.py moe eagle3 --trace $OUT/moe.json.gz --cprofile
 
 Builds the same LLM as ``benchmarks/bench_peer.py`` (random weights at the peer's shapes,
 synthetic acceptance, target on cuda:0, drafter on cuda:1 when two GPUs are visible), warms up,
 then profiles one greedy generation and prints the ops with the most self CUDA time and the
-most self CPU time, and the round split from the engine's stats.
+most self CPU time, and the round split from the engine's stats. ``--trace`` also writes the
+profiler's timeline (Chrome trace format, gzipped: GPU idle gaps and the host work beside them);
+``--cprofile`` profiles one more generation with cProfile and prints the Python functions with
+the most time (own and cumulative), for host-bound rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import gzip
+import io
+import os
+import pstats
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--peer-dir", default=".peer")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--drafter-device", default=None, help="default: cuda:1 with two GPUs")
+    ap.add_argument("--trace", default=None, help="write the timeline here (.json.gz)")
+    ap.add_argument("--cprofile", action="store_true", help="also print a cProfile summary")
     args = ap.parse_args(argv)
 
     import torch
@@ -49,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         num_tokens=args.tokens,
         prompt_len=16 if args.smoke else bp.PROMPT_LEN,
         smoke=args.smoke,
-        drafter_device=None,
+        drafter_device=args.drafter_device,
         attention_backend="auto",
         moe_backend="auto",
         cache_gib=0.02 if args.smoke else 4.0,
@@ -64,20 +77,45 @@ def main(argv: list[str] | None = None) -> None:
     devices = [info["target_device"], info.get("drafter_device") or info["target_device"]]
     llm.generate(prompts, params)
     llm.generate(prompts, params)
-    bp._sync(devices)
-    before = bp._split_totals(llm.engine.stats)
+    bp.sync_devices(devices)
+    before = bp.split_totals(llm.engine.stats)
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available() and not args.smoke:
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
         llm.generate(prompts, params)
-        bp._sync(devices)
-    split = bp._split_means(before, bp._split_totals(llm.engine.stats))
+        bp.sync_devices(devices)
+    split = bp.split_means(before, bp.split_totals(llm.engine.stats))
     print(f"round split (ms per round): {split}", flush=True)
     ka = prof.key_averages()
     if ProfilerActivity.CUDA in activities:
         print(ka.table(sort_by="self_cuda_time_total", row_limit=args.rows))
     print(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if args.trace:
+        write_trace(prof, args.trace)
+    if args.cprofile:
+        before = bp.split_totals(llm.engine.stats)
+        pr = cProfile.Profile()
+        pr.enable()
+        llm.generate(prompts, params)
+        bp.sync_devices(devices)
+        pr.disable()
+        split = bp.split_means(before, bp.split_totals(llm.engine.stats))
+        print(f"round split under cProfile (ms per round): {split}", flush=True)
+        for key in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(args.rows)
+            print(buf.getvalue())
+
+
+def write_trace(prof: object, path: str) -> None:
+    raw = path.removesuffix(".gz")
+    prof.export_chrome_trace(raw)  # type: ignore[attr-defined]
+    if path.endswith(".gz"):
+        with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(raw)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@
 # eval / eval32 (eval-drafter on the shipped heads, bf16 / float32), peer / peer-goodput
 # (bench_peer, outrider side, batches 1-32), sweep-attn (gpu_kernels.py --sweep),
 # sweep-moe (gpu_moe.py --sweep), moe-tests / attn-tests (one kernel test file), profile-tgt /
-# profile-moe (benchmarks/profile_round.py, EAGLE-3 at batch 1). STEP@0+1 runs one step on other
-# GPUs (here 0 and 1) than its lane's.
+# profile-moe (benchmarks/profile_round.py, EAGLE-3 at batch 1, with a timeline and cProfile),
+# skinny (benchmarks/gpu_skinny.py: the skinny GEMM's table, into /tmp/skinny.json, which every
+# later step on the machine then uses), skinny-tests, kernels-base (bench-kernels with the
+# skinny GEMM off). STEP@0+1 runs one step on other GPUs (here 0 and 1) than its lane's.
 set -u
 LIMIT=${LIMIT:-560}
 source scripts/device_env.sh
@@ -36,15 +38,24 @@ step() {  # step NAME CMD...: run CMD under the deadline, output in $R/NAME.log
   local rc=$?
   echo "[$(date +%T)] end $name rc=$rc" >>"$R/steps.log"
 }
+SKINNY=/tmp/skinny.json
 run_step() {
+  [[ -f $SKINNY ]] && export OUTRIDER_SKINNY_GEMM_CONFIG=$SKINNY
   case $1 in
     tests) step gpu-tests $PYTEST -m gpu tests/gpu --ignore=tests/gpu/test_flashinfer.py \
       --ignore=tests/gpu/test_cluster_gpu.py --junitxml="$R/gpu-tests.xml" ;;
     fused) step fused $PYTEST -m gpu tests/gpu/test_fused_layers.py ;;
     moe-tests) step moe-tests $PYTEST -m gpu tests/gpu/test_triton_moe.py ;;
     attn-tests) step attn-tests $PYTEST -m gpu tests/gpu/test_triton_attention.py ;;
-    profile-tgt) step profile-tgt python3 benchmarks/profile_round.py tgt eagle3 --peer-dir .peer ;;
-    profile-moe) step profile-moe python3 benchmarks/profile_round.py moe eagle3 --peer-dir .peer ;;
+    profile-tgt) step profile-tgt python3 benchmarks/profile_round.py tgt eagle3 --peer-dir .peer \
+      --trace "$R/profile-tgt.json.gz" --cprofile ;;
+    profile-moe) step profile-moe python3 benchmarks/profile_round.py moe eagle3 --peer-dir .peer \
+      --trace "$R/profile-moe.json.gz" --cprofile ;;
+    skinny) step skinny python3 benchmarks/gpu_skinny.py --quick --out "$R/skinny.json" \
+      && cp "$R/skinny.json" "$SKINNY" ;;
+    skinny-tests) step skinny-tests $PYTEST -m gpu tests/gpu/test_skinny_gemm.py ;;
+    kernels-base) step bench-kernels-base env OUTRIDER_SKINNY_GEMM=0 $CLI bench-kernels \
+      --json "$R/bench_kernels_base.json" ;;
     spec) step spec $PYTEST -m gpu tests/gpu/test_spec_perf_cuda.py ;;
     fi) [[ -d /tmp/site-fi ]] && PYTHONPATH=/tmp/site-fi:$PYTHONPATH step flashinfer \
       $PYTEST -m gpu tests/gpu/test_flashinfer.py -k "not moe" ;;
