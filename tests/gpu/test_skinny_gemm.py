@@ -108,6 +108,8 @@ def test_skinny_gemm_matches_reference(
     inp = _inputs(m, n, k, dtype, prologue, bias)
     refs = _ref64(inp, prologue)
     for cfg in [None, *CONFIGS]:
+        if cfg is not None and m > 1 and cfg.block_n < 16:
+            continue  # NOTE: the tl.dot path takes 16-wide tiles (the launcher widens narrower)
         out, res = sg.skinny_gemm(
             inp["x"],  # type: ignore[arg-type]
             inp["weight"],  # type: ignore[arg-type]

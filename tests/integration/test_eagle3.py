@@ -700,3 +700,69 @@ def test_weight_errors_name_the_tensor(change: str, message: str | None, tmp_pat
         return
     with pytest.raises(ModelLoadError, match=message):
         _proposer(ckpt)
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, _CUDA])], ids=str
+)
+@pytest.mark.parametrize("case", ["llama-eagle3", "qwen3-eagle3-d2t-norms"])
+def test_draft_step_graph_path_matches_eager_loop(case: str, device: str, tmp_path: Path) -> None:
+    """Steps 2..k on the static buffers of ``DraftStepGraphs`` (padded batch, one read at the
+    end; captured and replayed as CUDA graphs on a GPU, float32 there) draft exactly what the
+    eager loop drafts, over rounds with a rollback; rounds it cannot take (mixed k) fall back to
+    the loop."""
+    from outrider.workers.proposers.draft_graph import DraftStepGraphs
+
+    kind, layers, model_type, bias, extra = REF_CASES[case]
+    cfg = layer_config(kind, layers=layers, attention_bias=bias, rope_theta=10000.0)
+    flags = {"norm_before_residual": True, "norm_output": False, **extra}
+    kept = torch.arange(0, VT, 2) if "d2t" in case else None
+    t = random_tensors(cfg, num_aux=2, kept=kept, norm_before_fc=flags.get("norm_before_fc", False))
+    ckpt = write_checkpoint(
+        tmp_path / "d", t, cfg, model_type=model_type, aux_ids=[2, 1],
+        draft_vocab=VT if kept is None else len(kept), dtype=F64, **flags,
+    )  # fmt: skip
+    dtype = "float64" if device == "cpu" else "float32"
+    eager = _proposer(ckpt, dtype=dtype, device=device)
+    graphed = _proposer(ckpt, dtype=dtype, device=device)
+    # NOTE: on by default on a GPU, off on a CPU unless set up as here.
+    assert (graphed.step_graphs is not None) == (device == "cuda")
+    eager.step_graphs = None
+    steps = DraftStepGraphs(
+        graphed.runner,
+        graphed.model,
+        batch_sizes=[1, 2, 4],
+        max_steps=6,
+        capture=device == "cuda",
+    )
+    graphed.step_graphs = steps
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, VT, (3, 24), generator=g).tolist()
+    aux = torch.randn(3, 24, 2 * H, generator=g, dtype=F64).to(device)
+    params = SamplingParams(temperature=0.0)
+    rounds = [  # (seq, start, end, k)
+        [(0, 0, 6, 4), (1, 0, 3, 4), (2, 0, 5, 4)],  # 3 sequences: padded to 4
+        [(0, 6, 8, 4), (1, 3, 6, 4), (2, 5, 6, 4)],
+        [(0, 5, 9, 3), (1, 6, 7, 1), (2, 6, 7, 3)],  # mixed k: the eager loop
+        [(0, 9, 10, 6), (2, 7, 9, 6)],  # seq 0 rolled back above, two sequences: padded to 2
+    ]
+    for batch in rounds:
+        items = [
+            ProposeItem(
+                Delta(s, a, x[s][a:e]), k, aux[s, max(a - 1, 0) : e - 1], params if a == 0 else None
+            )
+            for s, a, e, k in batch
+        ]
+        want = eager.propose(items, "sequential")
+        got = graphed.propose(items, "sequential")
+        assert got.draft_token_ids == want.draft_token_ids
+        assert [len(d) for d in got.draft_token_ids] == [k for *_, k in batch]
+        assert graphed.runner.kv.num_used_blocks == eager.runner.kv.num_used_blocks
+    assert steps.num_replays == 3
+    assert steps.disabled_reason is None
+    for prop in (eager, graphed):
+        prop.release([0, 1, 2])
+        assert prop.runner.kv.num_used_blocks == 0

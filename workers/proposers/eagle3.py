@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from outrider.workers.config import ConfigError, ModelConfig, WorkerConfig
+from outrider.workers.distributed import get_pp_group, get_tp_group
 from outrider.workers.forward_context import ForwardContext, forward_context
 from outrider.workers.models.eagle3 import Eagle3DraftModel, load_eagle3_model
 from outrider.workers.models.target_tensors import shared_reader
@@ -31,6 +32,7 @@ from outrider.workers.proposers.base import (
     Proposer,
     ProposeResult,
 )
+from outrider.workers.proposers.draft_graph import DraftStepGraphs
 from outrider.workers.proposers.drafting import DraftSampler
 from outrider.workers.protocol import Delta
 from outrider.workers.runner import ModelRunner, PreparedBatch, on_runner_device
@@ -99,6 +101,20 @@ class Eagle3Proposer(Proposer):
             )
         self.sampler = DraftSampler(
             self.runner.device, draft_sampling=spec.draft_sampling, vocab_size=target_vocab_size
+        )
+        self.step_graphs: DraftStepGraphs | None = self._step_graphs()
+
+    def _step_graphs(self) -> DraftStepGraphs | None:
+        """CUDA graphs for the sequential steps 2..k, when this worker can capture them."""
+        runner, kernels = self.runner, self.runner.cfg.kernels
+        if runner.device.type != "cuda" or kernels.enforce_eager:
+            return None
+        if not getattr(runner.attn_backend, "cuda_graph_safe", False):
+            return None
+        if get_pp_group().size > 1 or get_tp_group().size > 1:
+            return None
+        return DraftStepGraphs(
+            runner, self.model, batch_sizes=kernels.cuda_graph_batch_sizes, max_steps=MAX_K - 1
         )
 
     @property
@@ -205,6 +221,12 @@ class Eagle3Proposer(Proposer):
         flat = [starts[i] + r for i, rs in enumerate(rows) for r in rs]
         owners = [live[i] for i, rs in enumerate(rows) for _ in rs]
         seq_of = [it.delta.seq_id for it in items]
+        steps = max((it.num_draft for it in items), default=0) - 1
+        graphed = self._graph_steps(items, contexts, live, rows, flat, z, fed, starts, steps)
+        if graphed is not None:
+            for i, b in enumerate(live):
+                drafts[b] = graphed[i]
+            return ProposeResult(drafts, [None for _ in items])
         if flat:
             logits = self.model.compute_logits(z[flat])  # [R, Vt]
             self._pick_into(owners, seq_of, logits, drafts, probs)
@@ -222,6 +244,39 @@ class Eagle3Proposer(Proposer):
             for j, b in enumerate(active):
                 last[b] = fed[j]
         return ProposeResult(drafts, [torch.stack(p) if p else None for p in probs])
+
+    def _graph_steps(
+        self,
+        items: Sequence[ProposeItem],
+        contexts: list[Delta],
+        live: list[int],
+        rows: list[list[int]],
+        flat: list[int],
+        z: torch.Tensor,  # [T, H] the context forward's outputs
+        fed: torch.Tensor,  # [T, H]
+        starts: list[int],
+        steps: int,
+    ) -> list[list[int]] | None:
+        """Every live sequence's k greedy drafts with steps 2..k replayed as one CUDA graph, or
+        None when this round needs the eager loop (sampled drafts, mixed k, parallel mode)."""
+        graphs = self.step_graphs
+        if graphs is None or steps < 1 or len(live) != len(items):
+            return None
+        if any(it.num_draft != steps + 1 or len(r) != 1 for it, r in zip(items, rows, strict=True)):
+            return None
+        if any(self.sampler.samples(it.delta.seq_id) for it in items):
+            return None
+        if graphs.fits(len(live), steps) is None:
+            return None
+        tokens = self.model.compute_logits(z[flat]).argmax(dim=-1)  # [n]
+        idx = [starts[i] + len(contexts[b].token_ids) - 1 for i, b in enumerate(live)]
+        return graphs.run(
+            [contexts[b].seq_id for b in live],
+            [contexts[b].end_pos for b in live],
+            tokens,
+            fed[idx],
+            steps,
+        )
 
     def _pick_into(
         self,
