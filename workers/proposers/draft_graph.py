@@ -57,7 +57,10 @@ class DraftStepGraphs:
         batch_sizes: Sequence[int],
         max_steps: int,
         capture: bool = True,
+        usual_steps: int = 0,
     ) -> None:
+        """``usual_steps``: the configured k - 1; the first call at a batch size captures every
+        step count up to it, so a round clipped near the end of a request finds its graph."""
         if capture and runner.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {runner.device}")
         self.runner = runner
@@ -66,6 +69,7 @@ class DraftStepGraphs:
         self.max_batch_size = self.batch_sizes[-1]
         self.max_steps = max_steps
         self.capture_graphs = capture
+        self.usual_steps = min(usual_steps, max_steps)
         self.disabled_reason: str | None = None
         self.num_replays = 0
         dev, b, s = runner.device, self.max_batch_size, max_steps
@@ -108,8 +112,12 @@ class DraftStepGraphs:
         if size is None or any(e + steps > self.runner.max_model_len for e in ends):
             return None
         key = (size, steps)
-        if self.capture_graphs and key not in self._graphs and self._capture(size, steps) is None:
-            return None
+        if self.capture_graphs and key not in self._graphs:
+            for more in range(1, self.usual_steps + 1):
+                if more != steps and (size, more) not in self._graphs:
+                    self._capture(size, more)
+            if self._capture(size, steps) is None:
+                return None
         self._stage(seq_ids, ends, tokens, hidden, size, steps)
         entry = self._graphs.get(key)
         if entry is not None and entry.graph is not None:

@@ -114,7 +114,11 @@ class Eagle3Proposer(Proposer):
         if get_pp_group().size > 1 or get_tp_group().size > 1:
             return None
         return DraftStepGraphs(
-            runner, self.model, batch_sizes=kernels.cuda_graph_batch_sizes, max_steps=MAX_K - 1
+            runner,
+            self.model,
+            batch_sizes=kernels.cuda_graph_batch_sizes,
+            max_steps=MAX_K - 1,
+            usual_steps=(self.spec.num_speculative_tokens or 1) - 1,
         )
 
     @property
