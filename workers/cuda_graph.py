@@ -48,6 +48,22 @@ logger = logging.getLogger(__name__)
 _WARMUP_RUNS = 2
 
 
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream graphs on ``device`` are captured on.
+
+    NOTE: without one, ``torch.cuda.graph`` captures on a stream it creates once per process on
+    whatever device is current then; with the target on cuda:0 and the drafter on cuda:1 in one
+    process, whichever captured first would pin every later capture to its own GPU.
+    """
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
 def padded_batch_size(num_seqs: int, batch_sizes: Sequence[int]) -> int | None:
     """The smallest captured size that holds ``num_seqs`` sequences; None if none does."""
     fits = [b for b in batch_sizes if b >= num_seqs]
@@ -278,7 +294,12 @@ class GraphRunner:
                     self._forward_static(size, q, aux)
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(
+                graph,
+                pool=self._pool,
+                stream=capture_stream(dev),
+                capture_error_mode="thread_local",
+            ):
                 out, md = self._forward_static(size, q, aux)
         except RuntimeError as e:
             self.disabled_reason = f"capture of batch {size} x {q} tokens failed: {e}"

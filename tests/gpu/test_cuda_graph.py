@@ -183,3 +183,25 @@ def test_replay_does_not_sync(pair: _Pair) -> None:
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs are CUDA-only")
 def test_graph_unsafe_backend_runs_eagerly(model_dir: Path) -> None:
     assert _runner(model_dir, graphs=True, backend="torch").graph_runner is None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_captures_on_two_gpus_keep_their_own_device() -> None:
+    """A capture on cuda:1 (the drafter's) and then one on cuda:0 (the target's) in one process:
+    each runs on its own GPU, Triton kernels included (torch's default capture stream would pin
+    the second capture to the first one's GPU)."""
+    from outrider.kernels.fused.norm import rms_norm
+    from outrider.workers.cuda_graph import capture_stream
+
+    for dev in (torch.device("cuda:1"), torch.device("cuda:0")):
+        with torch.cuda.device(dev):
+            x = torch.randn(4, 64, device=dev)
+            w = torch.ones(64, device=dev)
+            rms_norm(x, w, 1e-6)  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=capture_stream(dev)):
+                y = rms_norm(x * 2.0, w, 1e-6)
+            graph.replay()
+            torch.cuda.synchronize(dev)
+            assert capture_stream(dev).device == dev and y.device == dev
+            torch.testing.assert_close(y, rms_norm(x * 2.0, w, 1e-6))

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from outrider.kernels.attention.metadata import AttentionMetadata
-from outrider.workers.cuda_graph import padded_batch_size
+from outrider.workers.cuda_graph import capture_stream, padded_batch_size
 from outrider.workers.forward_context import ForwardContext, forward_context
 
 if TYPE_CHECKING:
@@ -202,7 +202,12 @@ class DraftStepGraphs:
                     self._steps(size, steps)
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(
+                graph,
+                pool=self._pool,
+                stream=capture_stream(dev),
+                capture_error_mode="thread_local",
+            ):
                 self._steps(size, steps)
         except RuntimeError as e:
             self.disabled_reason = f"capture of {size} sequences x {steps} steps failed: {e}"
