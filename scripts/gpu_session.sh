@@ -54,6 +54,7 @@ run_step() {
     skinny) step skinny python3 benchmarks/gpu_skinny.py --quick --out "$R/skinny.json" \
       && cp "$R/skinny.json" "$SKINNY" ;;
     skinny-tests) step skinny-tests $PYTEST -m gpu tests/gpu/test_skinny_gemm.py ;;
+    graph-tests) step graph-tests $PYTEST -m gpu tests/gpu/test_cuda_graph.py ;;
     draft-graph) step draft-graph $PYTEST -m gpu tests/integration/test_eagle3.py -k graph_path ;;
     kernels-base) step bench-kernels-base env OUTRIDER_SKINNY_GEMM=0 $CLI bench-kernels \
       --json "$R/bench_kernels_base.json" ;;
