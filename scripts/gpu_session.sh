@@ -56,6 +56,8 @@ run_step() {
     skinny-tests) step skinny-tests $PYTEST -m gpu tests/gpu/test_skinny_gemm.py ;;
     graph-tests) step graph-tests $PYTEST -m gpu tests/gpu/test_cuda_graph.py ;;
     draft-graph) step draft-graph $PYTEST -m gpu tests/integration/test_eagle3.py -k graph_path ;;
+    kernels-nopdl) step bench-kernels-nopdl env OUTRIDER_PDL=0 $CLI bench-kernels \
+      --json "$R/bench_kernels_nopdl.json" ;;
     kernels-base) step bench-kernels-base env OUTRIDER_SKINNY_GEMM=0 $CLI bench-kernels \
       --json "$R/bench_kernels_base.json" ;;
     spec) step spec $PYTEST -m gpu tests/gpu/test_spec_perf_cuda.py ;;

@@ -40,6 +40,8 @@ import triton.language as tl
 
 from outrider.kernels.attention.metadata import AttentionMetadata
 from outrider.kernels.attention.torch_ref import TorchAttentionBackend
+from outrider.kernels.fused.dispatch import pdl
+from outrider.kernels.fused.pdl import pdl_prologue
 
 LOG2E = 1.4426950408889634
 # NOTE: decode/verify tiles are split over the keys until about this many programs per SM run.
@@ -75,7 +77,9 @@ def _write_kv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -120,6 +124,7 @@ def write_kv(
     slots = slot_mapping.to(k.device)
     # NOTE: 8 KV heads x 128 = 1024 elements per token; 4 warps move one token in 2 passes.
     width = triton.next_power_of_2(n_kv) * triton.next_power_of_2(hd)
+    use_pdl = pdl(k)
     _write_kv_kernel[(t,)](
         k,
         v,
@@ -141,6 +146,8 @@ def write_kv(
         HEAD_DIM=hd,
         BLOCK_H=triton.next_power_of_2(n_kv),
         BLOCK_D=triton.next_power_of_2(hd),
+        USE_PDL=use_pdl,
+        launch_pdl=use_pdl,
         num_warps=4 if width <= 2048 else 8,
     )
 
@@ -200,7 +207,9 @@ def _paged_attn_kernel(
     SPLIT: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -300,7 +309,9 @@ def _reduce_splits_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLITS_P2: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_P2)
@@ -421,6 +432,7 @@ def paged_attention(
         part_acc, part_m, part_l = bufs
     else:
         part_acc = part_m = part_l = out  # unused
+    use_pdl = pdl(q)
     _paged_attn_kernel[(n_tiles, n_kv, num_splits)](
         q,
         k_cache,
@@ -457,10 +469,13 @@ def paged_attention(
         SPLIT=num_splits > 1,
         CAUSAL=bool(md.causal),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_PDL=use_pdl,
+        launch_pdl=use_pdl,
         num_warps=num_warps,
         num_stages=num_stages,
     )
     if num_splits > 1:
+        use_pdl = pdl(q)
         _reduce_splits_kernel[(t, n_heads)](
             out,
             part_acc,
@@ -473,6 +488,8 @@ def paged_attention(
             HEAD_DIM=hd,
             BLOCK_D=block_d,
             SPLITS_P2=max(_MAX_SPLITS, triton.next_power_of_2(num_splits)),
+            USE_PDL=use_pdl,
+            launch_pdl=use_pdl,
             num_warps=2 if block_d <= 64 else 4,
         )
     return out

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from outrider.kernels.fused.dispatch import pdl
+from outrider.kernels.fused.pdl import pdl_prologue
+
 _BLOCK = 1024
 
 
@@ -24,7 +27,8 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xt, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xt, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -49,7 +53,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if num_rows == 0 or d == 0:
         return out
     block = min(_BLOCK, triton.next_power_of_2(d))
+    use_pdl = pdl(x)
     _silu_and_mul_kernel[(num_rows, triton.cdiv(d, block))](
-        rows, out, d, rows.stride(0), BLOCK=block, num_warps=4
+        rows, out, d, rows.stride(0), BLOCK=block, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4
     )
     return out

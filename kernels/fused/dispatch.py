@@ -46,3 +46,22 @@ def fused_on_cpu() -> Iterator[None]:
         yield
     finally:
         _cpu_interpreter = previous
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def pdl(x: torch.Tensor) -> bool:
+    """Launch the decode-path kernels on ``x``'s device with programmatic dependent launch.
+
+    On Hopper and newer a kernel launched this way may start while the one before it in the
+    stream is still running; it calls ``griddepcontrol.wait`` before it reads or writes anything
+    (kernels/fused/pdl.py), so only the launch latency and the ramp-up overlap, never the work.
+    Off for CPU tensors (the interpreter), before sm90, and with ``OUTRIDER_PDL=0``.
+    """
+    if not x.is_cuda or os.environ.get("OUTRIDER_PDL", "1") == "0":
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _pdl_capable(index)

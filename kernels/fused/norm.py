@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from outrider.kernels.fused.dispatch import pdl
+from outrider.kernels.fused.pdl import pdl_prologue
+
 _TILE = 4096  # elements of one program's [BLOCK_R, BLOCK_D] tile, when the row is shorter
 
 
@@ -52,7 +55,9 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
     cols = tl.arange(0, BLOCK_D)  # [BD]
     row_ok = rows < num_rows
@@ -106,6 +111,7 @@ def _launch(
         return out, res_out
     block_d = triton.next_power_of_2(dim)
     block_r = max(1, min(_TILE // block_d, triton.next_power_of_2(num_rows)))
+    use_pdl = pdl(x)
     _rms_norm_kernel[(triton.cdiv(num_rows, block_r),)](
         xv,
         residual if residual is not None else xv,
@@ -122,6 +128,8 @@ def _launch(
         HAS_RESIDUAL=residual is not None,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
+        USE_PDL=use_pdl,
+        launch_pdl=use_pdl,
         num_warps=min(16, max(1, block_r * block_d // 512)),
     )
     return out, res_out

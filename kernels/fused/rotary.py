@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from outrider.kernels.fused.dispatch import pdl
+from outrider.kernels.fused.pdl import pdl_prologue
+
 _TILE = 1024  # elements of one program's [BLOCK_H, BLOCK_HALF] half-head tile
 
 
@@ -59,7 +62,9 @@ def _rotary_kernel(
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH] over [q heads; k heads]
     cols = tl.arange(0, BLOCK_HALF)  # [BHALF]
@@ -136,6 +141,7 @@ def apply_rotary(
         return q_out, k_out
     block_half = triton.next_power_of_2(half)
     block_h = max(1, min(_TILE // block_half, triton.next_power_of_2(num_heads)))
+    use_pdl = pdl(query)
     _rotary_kernel[(num_tokens, triton.cdiv(num_heads, block_h))](
         positions,
         query,
@@ -152,6 +158,8 @@ def apply_rotary(
         HALF=half,
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
+        USE_PDL=use_pdl,
+        launch_pdl=use_pdl,
         num_warps=4,
     )
     return q_out, k_out

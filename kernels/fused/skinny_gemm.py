@@ -41,8 +41,9 @@ import triton
 import triton.language as tl
 
 from outrider.kernels.fused.activation import silu_and_mul_ref
-from outrider.kernels.fused.dispatch import use_fused
+from outrider.kernels.fused.dispatch import pdl, use_fused
 from outrider.kernels.fused.norm import fused_add_rms_norm_ref, rms_norm_ref
+from outrider.kernels.fused.pdl import pdl_prologue
 
 Prologue = Literal["none", "norm", "add_norm", "silu_mul"]
 PROLOGUES: tuple[Prologue, ...] = ("none", "norm", "add_norm", "silu_mul")
@@ -154,7 +155,9 @@ def _skinny_gemm_kernel(
     EVEN_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     m_ok = rows < M
@@ -264,6 +267,7 @@ def skinny_gemm(
     if use_dot and cfg.block_n < 16:
         # NOTE: tl.dot tiles are at least 16 wide; the tables never hold such an entry.
         cfg = SkinnyConfig(16, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    use_pdl = pdl(x)
     _skinny_gemm_kernel[(triton.cdiv(n, cfg.block_n),)](
         x,
         residual if residual is not None else x,
@@ -288,6 +292,8 @@ def skinny_gemm(
         EVEN_K=k % cfg.block_k == 0,
         USE_DOT=use_dot,
         DOT_IEEE=x.dtype == torch.float32,
+        USE_PDL=use_pdl,
+        launch_pdl=use_pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
