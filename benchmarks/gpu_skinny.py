@@ -3,6 +3,7 @@
     python benchmarks/gpu_skinny.py                 # sweep, print, write $OUT/<device>.json
     python benchmarks/gpu_skinny.py --quick         # fewer tile candidates
     python benchmarks/gpu_skinny.py --smoke         # no GPU: two tiny shapes, interpreter
+    python benchmarks/gpu_skinny.py --rows 1 --shapes 8b. --merge TABLE  # re-sweep a part of TABLE
 
 For each projection shape (Llama-3.1-8B, Qwen3-30B-A3B and their EAGLE-3 heads), each prologue
 the layers fuse there (none; RMSNorm with and without the residual add before q/k/v and
@@ -34,6 +35,8 @@ ARGS.add_argument("--quick", action="store_true", help="a smaller set of tile ca
 ARGS.add_argument("--smoke", action="store_true", help="interpreter run on CPU, no timing")
 ARGS.add_argument("--rows", default="1,2,4,8,16", help="row buckets to time")
 ARGS.add_argument("--out", default=None, help="table path (default $OUT/<device>.json)")
+ARGS.add_argument("--shapes", default="", help="only shapes whose name starts with one of these")
+ARGS.add_argument("--merge", default=None, help="start from this table; swept keys replace its")
 OPTS = ARGS.parse_args()
 if OPTS.smoke:
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
@@ -76,7 +79,7 @@ def candidates(rows: int, quick: bool) -> list[sg.SkinnyConfig]:
     if OPTS.smoke:
         return [sg.SkinnyConfig(16, 32)]
     if rows == 1:
-        grid = itertools.product((8, 16, 32), (128, 256, 512), (4, 8), (3, 4))
+        grid = itertools.product((8, 16, 32), (256, 512), (4, 8), (3, 4))
         if quick:
             grid = itertools.product((8, 16, 32), (256, 512), (4,), (4,))
     else:
@@ -182,11 +185,22 @@ def main() -> None:
         print(f"{name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows_list = [int(r) for r in OPTS.rows.split(",")]
     entries: dict[str, Any] = {}
+    command = "python benchmarks/gpu_skinny.py" + (" --quick" if OPTS.quick else "")
+    if OPTS.merge:
+        with open(OPTS.merge) as f:
+            base = json.load(f)
+        entries.update(base["entries"])
+        command = f"{base.get('command', '?')}; then {command} --rows {OPTS.rows}"
+        if OPTS.shapes:
+            command += f" --shapes {OPTS.shapes}"
+    prefixes = tuple(p for p in OPTS.shapes.split(",") if p)
     print(
         f"{'shape':22} {'prologue':9} {'M':>3} {'cuBLAS+op µs':>13} {'skinny µs':>10} "
         f"{'×':>6} {'floor µs':>9}  config"
     )
     for label, n, k, prologues in SMOKE_SHAPES if OPTS.smoke else SHAPES:
+        if prefixes and not label.startswith(prefixes):
+            continue
         for prologue in prologues:
             for rows in rows_list:
                 r = sweep_one(n, k, prologue, rows, dtype, device)
@@ -207,7 +221,7 @@ def main() -> None:
         "device": name,
         "dtype": str(dtype).removeprefix("torch."),
         "copy_bandwidth_gbs": None if bandwidth is None else round(bandwidth / 1e9, 1),
-        "command": "python benchmarks/gpu_skinny.py" + (" --quick" if OPTS.quick else ""),
+        "command": command,
         "entries": entries,
     }
     path = OPTS.out or os.path.join(os.environ.get("OUT", "."), f"{sg.device_slug(name)}.json")

@@ -55,7 +55,10 @@ run_step() {
       && cp "$R/skinny.json" "$SKINNY" ;;
     skinny-tests) step skinny-tests $PYTEST -m gpu tests/gpu/test_skinny_gemm.py ;;
     graph-tests) step graph-tests $PYTEST -m gpu tests/gpu/test_cuda_graph.py ;;
-    draft-graph) step draft-graph $PYTEST -m gpu tests/integration/test_eagle3.py -k graph_path ;;
+    draft-graph) step draft-graph $PYTEST -m gpu tests/integration/test_eagle3.py ;;
+    skinny-full) step skinny-full python3 benchmarks/gpu_skinny.py --rows 1 --shapes 8b.,qwen3. \
+      --merge kernels/fused/skinny_gemm_configs/nvidia_h200.json --out "$R/skinny.json" \
+      && cp "$R/skinny.json" "$SKINNY" ;;
     kernels-nopdl) step bench-kernels-nopdl env OUTRIDER_PDL=0 $CLI bench-kernels \
       --json "$R/bench_kernels_nopdl.json" ;;
     kernels-base) step bench-kernels-base env OUTRIDER_SKINNY_GEMM=0 $CLI bench-kernels \

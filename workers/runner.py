@@ -135,17 +135,19 @@ class ModelRunner:
         )
         self.attn_backend = registry.get("attention", self.attention_backend)
         self.model: nn.Module
-        if build is not None:
-            self.model, self.hf_config = build(self.device, self.dtype, self.moe_backend)
-        else:
-            self.model, self.hf_config = load_model(
-                cfg.model,
-                device=self.device,
-                dtype=self.dtype,
-                moe_backend=self.moe_backend,
-                start_layer=start_layer,
-                end_layer=end_layer,
-            )
+        # NOTE: loading may run kernels (a P-EAGLE head fuses its mask hidden state).
+        with on_device(self.device):
+            if build is not None:
+                self.model, self.hf_config = build(self.device, self.dtype, self.moe_backend)
+            else:
+                self.model, self.hf_config = load_model(
+                    cfg.model,
+                    device=self.device,
+                    dtype=self.dtype,
+                    moe_backend=self.moe_backend,
+                    start_layer=start_layer,
+                    end_layer=end_layer,
+                )
         self.model.eval()
         self.start_layer = start_layer
         self.end_layer = end_layer if end_layer is not None else self.hf_config.num_hidden_layers
@@ -193,7 +195,8 @@ class ModelRunner:
         """Capture the decode/verify graphs of these query lengths now (else on first use)."""
         if self.graph_runner is None:
             return 0
-        return self.graph_runner.capture(query_lens, aux_layer_ids)
+        with on_device(self.device):
+            return self.graph_runner.capture(query_lens, aux_layer_ids)
 
     # -- sizing -----------------------------------------------------------------------------
     def _max_model_len(self) -> int:

@@ -14,9 +14,9 @@ bytes over the memory bandwidth. cuBLAS picks tiles that leave SMs idle on some 
 shapes (6144 or 4096 output columns), and the ops around a projection are launches of their own.
 Here one program owns ``BLOCK_N`` output columns and walks all of K: with one row the products
 accumulate in a ``[BLOCK_N, BLOCK_K]`` float32 tile (no tensor cores, nothing padded), with more
-rows they go through ``tl.dot`` on a 16-row tile. The norm prologue first walks the row once for
-its mean of squares (the row is a few KiB, read from L2), then normalises each K tile as it
-loads it; program 0 writes the new residual.
+rows they go through ``tl.dot`` on a 16-row tile. The norm prologue first reads the row for its
+mean of squares (a few KiB from L2; a single row of up to 8192 in one load), then normalises
+each K tile as it loads it; program 0 writes the new residual.
 
 Which projections take this path, and with which tiles, comes from a table measured per GPU
 model (``skinny_gemm_configs/<device>.json``, written by ``benchmarks/gpu_skinny.py``): an entry
@@ -50,6 +50,7 @@ PROLOGUES: tuple[Prologue, ...] = ("none", "norm", "add_norm", "silu_mul")
 _PROLOGUE_ID = {p: i for i, p in enumerate(PROLOGUES)}
 MAX_ROWS = 16
 _DOT_ROWS = 16  # the row tile of the tl.dot path (its smallest M)
+_NORM_ROW_MAX = 8192  # widest row whose norm statistics one program loads at once
 _CONFIG_DIR = Path(__file__).with_name("skinny_gemm_configs")
 
 
@@ -155,6 +156,7 @@ def _skinny_gemm_kernel(
     EVEN_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_IEEE: tl.constexpr,
+    NORM_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
@@ -171,8 +173,8 @@ def _skinny_gemm_kernel(
     if PROLOGUE == 1 or PROLOGUE == 2:
         # NOTE: pass 1 over the row: the mean of squares of (x + residual) rounded to x's dtype.
         ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + ks
+        for k0 in range(0, K, NORM_BLOCK):
+            cols = k0 + tl.arange(0, NORM_BLOCK)
             mask = m_ok[:, None] & (cols < K)[None, :]
             x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
             xf = x.to(tl.float32)
@@ -267,6 +269,8 @@ def skinny_gemm(
     if use_dot and cfg.block_n < 16:
         # NOTE: tl.dot tiles are at least 16 wide; the tables never hold such an entry.
         cfg = SkinnyConfig(16, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    # NOTE: one row reads its whole statistics pass in one load (one L2 round trip, not K / BK).
+    norm_block = triton.next_power_of_2(k) if m == 1 and k <= _NORM_ROW_MAX else cfg.block_k
     use_pdl = pdl(x)
     _skinny_gemm_kernel[(triton.cdiv(n, cfg.block_n),)](
         x,
@@ -292,6 +296,7 @@ def skinny_gemm(
         EVEN_K=k % cfg.block_k == 0,
         USE_DOT=use_dot,
         DOT_IEEE=x.dtype == torch.float32,
+        NORM_BLOCK=norm_block,
         USE_PDL=use_pdl,
         launch_pdl=use_pdl,
         num_warps=cfg.num_warps,

@@ -766,3 +766,37 @@ def test_draft_step_graph_path_matches_eager_loop(case: str, device: str, tmp_pa
     for prop in (eager, graphed):
         prop.release([0, 1, 2])
         assert prop.runner.kv.num_used_blocks == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("case", ["llama-peagle-fc_norm", "llama-eagle3"])
+def test_drafter_on_second_gpu_runs_its_kernels_there(case: str, tmp_path: Path) -> None:
+    """A drafter on cuda:1 while cuda:0 is current loads (P-EAGLE fuses its mask hidden state
+    at load) and drafts with every projection forced through the Triton skinny GEMM, which
+    launches on the current device: the worker makes its own device current for both."""
+    from outrider.kernels.fused import skinny_gemm as sg
+
+    kind, layers, model_type, bias, extra = REF_CASES[case]
+    cfg = layer_config(kind, layers=layers, attention_bias=bias, rope_theta=10000.0)
+    flags = {"norm_before_residual": True, "norm_output": False, **extra}
+    t = random_tensors(
+        cfg, num_aux=2, peagle=model_type == "peagle", fc_norm=flags.get("fc_norm", False)
+    )
+    ckpt = write_checkpoint(
+        tmp_path / "d", t, cfg, model_type=model_type, aux_ids=[2, 1], draft_vocab=VT,
+        dtype=F64, **flags,
+    )  # fmt: skip
+    assert torch.cuda.current_device() == 0
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(0, VT, (2, 12), generator=g).tolist()
+    aux = torch.randn(2, 12, 2 * H, generator=g, dtype=F64).to("cuda:0")
+    params = SamplingParams(temperature=0.0)
+    with sg.forced(sg.SkinnyConfig(16, 32)):
+        prop = _proposer(ckpt, dtype="float32", device="cuda:1")
+        assert prop.runner.device == torch.device("cuda:1")
+        items = [ProposeItem(Delta(s, 0, x[s][:8]), 4, aux[s, :7], params) for s in (0, 1)]
+        mode = "parallel" if model_type == "peagle" else "sequential"
+        res = prop.propose(items, mode)
+    assert [len(d) for d in res.draft_token_ids] == [4, 4]
+    assert all(0 <= tok < VT for d in res.draft_token_ids for tok in d)
