@@ -15,6 +15,7 @@ all k drafts.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,6 +109,8 @@ class Eagle3Proposer(Proposer):
         """CUDA graphs for the sequential steps 2..k, when this worker can capture them."""
         runner, kernels = self.runner, self.runner.cfg.kernels
         if runner.device.type != "cuda" or kernels.enforce_eager:
+            return None
+        if os.environ.get("OUTRIDER_DRAFT_GRAPHS", "1") == "0":
             return None
         if not getattr(runner.attn_backend, "cuda_graph_safe", False):
             return None
