@@ -259,7 +259,12 @@ def ref_probs(t: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     return full.softmax(-1)
 
 
-def _proposer(ckpt: Path, target_model: ModelConfig | None = None, **spec: Any) -> Eagle3Proposer:
+def _proposer(
+    ckpt: Path,
+    target_model: ModelConfig | None = None,
+    target_device: torch.device | None = None,
+    **spec: Any,
+) -> Eagle3Proposer:
     target = WorkerConfig(
         model=target_model or ModelConfig(dtype="float64"), cache=CacheConfig(block_size=4)
     )
@@ -273,6 +278,7 @@ def _proposer(ckpt: Path, target_model: ModelConfig | None = None, **spec: Any) 
         target_vocab_size=VT,
         target_num_layers=4,
         target_model=target_model,
+        target_device=target_device,
     )
 
 
@@ -727,10 +733,10 @@ def test_draft_step_graph_path_matches_eager_loop(case: str, device: str, tmp_pa
     )  # fmt: skip
     dtype = "float64" if device == "cpu" else "float32"
     eager = _proposer(ckpt, dtype=dtype, device=device)
-    graphed = _proposer(ckpt, dtype=dtype, device=device)
-    # NOTE: on by default on a GPU, off on a CPU unless set up as here.
+    # NOTE: by default on when the target shares the drafter's GPU in this process, else off.
+    graphed = _proposer(ckpt, dtype=dtype, device=device, target_device=torch.device(device))
+    assert eager.step_graphs is None
     assert (graphed.step_graphs is not None) == (device == "cuda")
-    eager.step_graphs = None
     steps = DraftStepGraphs(
         graphed.runner,
         graphed.model,
