@@ -122,7 +122,7 @@ class Eagle3Proposer(Proposer):
 
         NOTE: ``OUTRIDER_DRAFT_GRAPHS`` = auto (default) | 1 | 0. ``auto`` turns them on where
         they were measured to pay: a drafter on its target's GPU in one process. With the
-        target on another GPU of the same process the target's rounds slowed down threefold
+        target on another GPU of the same process, rounds took more than twice as long
         (H200, docs/benchmarks.md; cause not found), and a drafter worker of its own has not
         been measured; ``1`` turns them on there too.
         """
