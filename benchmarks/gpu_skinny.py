@@ -45,11 +45,12 @@ import torch  # noqa: E402
 
 from outrider.cluster.bench_timing import capture, median_ms  # noqa: E402
 from outrider.kernels.fused import skinny_gemm as sg  # noqa: E402
+from outrider.kernels.fused import skinny_table as st  # noqa: E402
 from outrider.kernels.fused.activation import silu_and_mul  # noqa: E402
 from outrider.kernels.fused.norm import fused_add_rms_norm, rms_norm  # noqa: E402
 
 # (name, N, K, prologues)
-SHAPES: list[tuple[str, int, int, tuple[sg.Prologue, ...]]] = [
+SHAPES: list[tuple[str, int, int, tuple[st.Prologue, ...]]] = [
     ("8b.qkv", 6144, 4096, ("none", "norm", "add_norm")),
     ("8b.o", 4096, 4096, ("none",)),
     ("8b.gate_up", 28672, 4096, ("none", "add_norm")),
@@ -68,16 +69,16 @@ SHAPES: list[tuple[str, int, int, tuple[sg.Prologue, ...]]] = [
     ("qwen3-eagle3.down", 2048, 6144, ("none", "silu_mul")),
     ("qwen3-eagle3.lm_head", 32000, 2048, ("none",)),
 ]
-SMOKE_SHAPES: list[tuple[str, int, int, tuple[sg.Prologue, ...]]] = [
+SMOKE_SHAPES: list[tuple[str, int, int, tuple[st.Prologue, ...]]] = [
     ("tiny.qkv", 48, 64, ("none", "add_norm")),
     ("tiny.down", 32, 96, ("silu_mul",)),
 ]
 L2_BYTES = 256 << 20  # rotate over weight copies until this many bytes are touched per pass
 
 
-def candidates(rows: int, quick: bool) -> list[sg.SkinnyConfig]:
+def candidates(rows: int, quick: bool) -> list[st.SkinnyConfig]:
     if OPTS.smoke:
-        return [sg.SkinnyConfig(16, 32)]
+        return [st.SkinnyConfig(16, 32)]
     if rows == 1:
         grid = itertools.product((8, 16, 32), (256, 512), (4, 8), (3, 4))
         if quick:
@@ -90,7 +91,7 @@ def candidates(rows: int, quick: bool) -> list[sg.SkinnyConfig]:
     for bn, bk, warps, stages in grid:
         if rows == 1 and bn * bk > 16384:
             continue  # the float32 accumulator tile would spill
-        out.append(sg.SkinnyConfig(bn, bk, warps, stages))
+        out.append(st.SkinnyConfig(bn, bk, warps, stages))
     return out
 
 
@@ -111,7 +112,7 @@ def time_graph(fns: list[Callable[[], Any]], device: str) -> float:
 
 
 def sweep_one(
-    n: int, k: int, prologue: sg.Prologue, rows: int, dtype: torch.dtype, device: str
+    n: int, k: int, prologue: st.Prologue, rows: int, dtype: torch.dtype, device: str
 ) -> dict[str, Any]:
     weight_bytes = n * k * dtype.itemsize
     copies = max(1, min(8, -(-L2_BYTES // weight_bytes)))
@@ -136,10 +137,10 @@ def sweep_one(
         return lambda: torch.nn.functional.linear(x, w)
 
     base_us = time_graph([baseline(w) for w in ws], device)
-    best: tuple[float, sg.SkinnyConfig] | None = None
+    best: tuple[float, st.SkinnyConfig] | None = None
     for cfg in candidates(rows, OPTS.quick):
 
-        def call(w: torch.Tensor, cfg: sg.SkinnyConfig = cfg) -> Callable[[], Any]:
+        def call(w: torch.Tensor, cfg: st.SkinnyConfig = cfg) -> Callable[[], Any]:
             return lambda: sg.skinny_gemm(x, w, prologue=prologue, eps=1e-6, config=cfg, **kw)
 
         try:
@@ -208,8 +209,8 @@ def main() -> None:
                     r["floor_us"] = round(n * k * dtype.itemsize / bandwidth * 1e6, 2)
                 cfg = r.pop("config")
                 use = r["us"] < 0.98 * r["baseline_us"]
-                key = sg.table_key(prologue, rows, n, k)
-                entries[key] = sg.config_entry(cfg, use=use, shape=label, **r)
+                key = st.table_key(prologue, rows, n, k)
+                entries[key] = st.config_entry(cfg, use=use, shape=label, **r)
                 c = f"{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
                 print(
                     f"{label:22} {prologue:9} {rows:>3} {r['baseline_us']:>13.1f} "
@@ -224,7 +225,7 @@ def main() -> None:
         "command": command,
         "entries": entries,
     }
-    path = OPTS.out or os.path.join(os.environ.get("OUT", "."), f"{sg.device_slug(name)}.json")
+    path = OPTS.out or os.path.join(os.environ.get("OUT", "."), f"{st.device_slug(name)}.json")
     with open(path, "w") as f:
         json.dump(table, f, indent=1)
     print(f"wrote {path} ({sum(e['use'] for e in entries.values())} of {len(entries)} in use)")

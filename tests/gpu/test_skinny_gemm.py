@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 INTERPRET = os.environ.get("OUTRIDER_TRITON_INTERPRET") == "1"
 
 from outrider.kernels.fused import skinny_gemm as sg  # noqa: E402
+from outrider.kernels.fused import skinny_table as st  # noqa: E402
 
 pytestmark = [] if INTERPRET else [pytest.mark.gpu]
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -29,7 +30,7 @@ BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 if INTERPRET:
     SHAPES = [(1, 24, 64), (3, 40, 96), (16, 16, 32), (5, 33, 80)]  # (M, N, K)
-    CONFIGS = [sg.SkinnyConfig(8, 32), sg.SkinnyConfig(16, 64), sg.SkinnyConfig(32, 32, 4, 2)]
+    CONFIGS = [st.SkinnyConfig(8, 32), st.SkinnyConfig(16, 64), st.SkinnyConfig(32, 32, 4, 2)]
 else:
     SHAPES = [
         (1, 6144, 4096),
@@ -42,10 +43,10 @@ else:
         (1, 151936, 2048),
     ]
     CONFIGS = [
-        sg.SkinnyConfig(16, 256, 4, 4),
-        sg.SkinnyConfig(32, 128, 4, 3),
-        sg.SkinnyConfig(8, 512, 4, 4),
-        sg.SkinnyConfig(64, 64, 8, 3),
+        st.SkinnyConfig(16, 256, 4, 4),
+        st.SkinnyConfig(32, 128, 4, 3),
+        st.SkinnyConfig(8, 512, 4, 4),
+        st.SkinnyConfig(64, 64, 8, 3),
     ]
 
 
@@ -98,7 +99,7 @@ def _worst_row_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("prologue", sg.PROLOGUES)
+@pytest.mark.parametrize("prologue", st.PROLOGUES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_skinny_gemm_matches_reference(
     shape: tuple[int, int, int], prologue: str, dtype: torch.dtype
@@ -147,9 +148,9 @@ def test_skinny_gemm_rejects_bad_calls() -> None:
 
 
 def test_row_buckets_and_keys() -> None:
-    assert [sg.row_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
-    assert sg.table_key("none", 5, 6144, 4096) == "none:8:6144:4096"
-    assert sg.device_slug("NVIDIA H200") == "nvidia_h200"
+    assert [st.row_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+    assert st.table_key("none", 5, 6144, 4096) == "none:8:6144:4096"
+    assert st.device_slug("NVIDIA H200") == "nvidia_h200"
 
 
 # -- the layers routed through it ----------------------------------------------------------------
@@ -203,7 +204,7 @@ def test_decoder_mlp_and_qkv_through_skinny(
             return real(*args, **kwargs)
 
         monkeypatch.setattr(sg, "skinny_gemm", counting)
-        with sg.forced(sg.SkinnyConfig(16, 32 if INTERPRET else 256)):
+        with st.forced(st.SkinnyConfig(16, 32 if INTERPRET else 256)):
             got_mlp, got_res = mlp.forward_normed(x, residual, norm)
             got_qkv, got_qkv_res = norm_linear(norm, qkv, x, residual)
     prologue = "add_norm" if with_residual else "norm"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from outrider.kernels.fused import skinny_gemm as sg
+from outrider.kernels.fused import skinny_table as sg
 
 TABLES = sorted(Path(sg.__file__).with_name("skinny_gemm_configs").glob("*.json"))
 

@@ -3,7 +3,7 @@
 ``norm_linear`` is ``linear(norm(x + residual))`` (the decoder layer's input and post-attention
 norms before q/k/v and gate_up), ``silu_mul_linear`` is ``down(silu(gate) * up)``. Where the
 skinny GEMM table has an entry for the call (decode-sized row counts on a GPU it was tuned on:
-``kernels/fused/skinny_gemm.py``), the op runs as the GEMM's prologue; elsewhere the two modules
+``kernels/fused/skinny_table.py``), the op runs as the GEMM's prologue; elsewhere the two modules
 run one after the other, exactly as before.
 """
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from outrider.kernels import linear as cpu_linear
-from outrider.kernels.fused import skinny_gemm as skinny
+from outrider.kernels.fused import skinny_table
 from outrider.workers.distributed import get_tp_group
 
 
@@ -73,24 +73,26 @@ class LinearBase(nn.Module):
     reduces_output = False
 
     def skinny_config(
-        self, x: torch.Tensor, prologue: skinny.Prologue
-    ) -> skinny.SkinnyConfig | None:
+        self, x: torch.Tensor, prologue: skinny_table.Prologue
+    ) -> skinny_table.SkinnyConfig | None:
         """Tiles of the skinny GEMM when it runs this call with this prologue (host-side only)."""
         if x.requires_grad:
             return None
-        return skinny.plan(x, self.weight, prologue)
+        return skinny_table.plan(x, self.weight, prologue)
 
     def fused_forward(
         self,
         x: torch.Tensor,
-        config: skinny.SkinnyConfig,
-        prologue: skinny.Prologue,
+        config: skinny_table.SkinnyConfig,
+        prologue: skinny_table.Prologue,
         *,
         norm_weight: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
         eps: float = 1e-6,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``forward(prologue(x))`` in one skinny GEMM launch (plus the TP all-reduce)."""
+        from outrider.kernels.fused import skinny_gemm as skinny  # NOTE: imports Triton
+
         reduce = self.reduces_output
         out, res = skinny.skinny_gemm(
             x,
@@ -112,6 +114,8 @@ class LinearBase(nn.Module):
         w = self.weight
         cfg = self.skinny_config(x, "none")
         if cfg is not None:
+            from outrider.kernels.fused import skinny_gemm as skinny  # NOTE: imports Triton
+
             return skinny.skinny_gemm(x, w, bias, config=cfg)[0]
         if x.requires_grad or not cpu_linear.can_pack(w) or x.dtype != w.dtype:
             return F.linear(x, w, bias)

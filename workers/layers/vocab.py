@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from outrider.kernels.fused import skinny_gemm as skinny
+from outrider.kernels.fused import skinny_table
 from outrider.workers.distributed import get_tp_group
 
 
@@ -78,8 +78,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         param.data[:rows].copy_(loaded_weight[self.vocab_start : self.vocab_end])
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        cfg = skinny.plan(hidden_states, self.weight, "none")
+        cfg = skinny_table.plan(hidden_states, self.weight, "none")
         if cfg is not None:
+            from outrider.kernels.fused import skinny_gemm as skinny  # NOTE: imports Triton
+
             logits = skinny.skinny_gemm(hidden_states, self.weight, self.bias, config=cfg)[0]
         elif hidden_states.shape[0] <= _SKINNY_ROWS and hidden_states.device.type == "cpu":
             logits = self._skinny_logits(hidden_states)  # [N, V_local]
