@@ -4,13 +4,13 @@
     python3 benchmarks/profile_round.py moe eagle3 --batch 1 --smoke   # CPU, tiny shapes
     python3 benchmarks/profile_round.py moe eagle3 --trace $OUT/moe.json.gz --cprofile
 
-Builds the same LLM as ``benchmarks/bench_peer.py`` (random weights at the peer's shapes,
-synthetic acceptance, target on cuda:0, drafter on cuda:1 when two GPUs are visible), warms up,
-then profiles one greedy generation and prints the ops with the most self CUDA time and the
-most self CPU time, and the round split from the engine's stats. ``--trace`` also writes the
-profiler's timeline (Chrome trace format, gzipped: GPU idle gaps and the host work beside them);
-``--cprofile`` profiles one more generation with cProfile and prints the Python functions with
-the most time (own and cumulative), for host-bound rounds.
+Builds the same LLM as ``benchmarks/bench_peer.py`` (``peer_outrider.build_llm``: random
+weights at the peer's shapes, synthetic acceptance, target on cuda:0, drafter on cuda:1 when two
+GPUs are visible), warms up, then profiles one greedy generation and prints the ops with the
+most self CUDA time and the most self CPU time, and the round split from the engine's stats.
+``--trace`` also writes the profiler's timeline (Chrome trace format, gzipped: GPU idle gaps and
+the host work beside them); ``--cprofile`` profiles one more generation with cProfile and prints
+the Python functions with the most time (own and cumulative), for host-bound rounds.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_peer as bp  # noqa: E402
+import peer_common as pc  # noqa: E402
+import peer_outrider as po  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("target", choices=sorted(bp.MODES))
-    ap.add_argument("mode", choices=bp.MODES["tgt"])
+    ap.add_argument("target", choices=sorted(pc.MODES))
+    ap.add_argument("mode", choices=pc.MODES["tgt"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rows", type=int, default=25)
@@ -51,16 +52,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from outrider.workers.config import SamplingParams
 
-    case = bp.Case(args.target, args.mode)
-    if args.mode not in bp.MODES[args.target]:
+    case = pc.Case(args.target, args.mode)
+    if args.mode not in pc.MODES[args.target]:
         sys.exit(f"profile_round: {args.mode} is not run on {args.target}")
     peer_dir = Path(args.peer_dir)
-    config_dir = peer_dir if (peer_dir / "tgt" / "config.json").is_file() else bp.SHARED_PEER
-    s = bp.Settings(
+    config_dir = peer_dir if (peer_dir / "tgt" / "config.json").is_file() else pc.SHARED_PEER
+    s = pc.Settings(
         config_dir=str(config_dir),
         batch_sizes=(args.batch,),
         num_tokens=args.tokens,
-        prompt_len=16 if args.smoke else bp.PROMPT_LEN,
+        prompt_len=16 if args.smoke else pc.PROMPT_LEN,
         smoke=args.smoke,
         drafter_device=args.drafter_device,
         attention_backend="auto",
@@ -68,24 +69,24 @@ def main(argv: list[str] | None = None) -> None:
         cache_gib=0.02 if args.smoke else 4.0,
     )
     with tempfile.TemporaryDirectory(prefix="profile_round_") as tmp:
-        llm, info = bp.build_llm(case, s, Path(tmp))
+        llm, info = po.build_llm(case, s, Path(tmp))
     print(f"{case}: {info}", flush=True)
-    hi = min(bp.PROMPT_ID_HI, llm.runner.hf_config.vocab_size)
+    hi = min(pc.PROMPT_ID_HI, llm.runner.hf_config.vocab_size)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, hi) for _ in range(s.prompt_len)] for _ in range(args.batch)]
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0)
     devices = [info["target_device"], info.get("drafter_device") or info["target_device"]]
     llm.generate(prompts, params)
     llm.generate(prompts, params)
-    bp.sync_devices(devices)
-    before = bp.split_totals(llm.engine.stats)
+    po.sync_devices(devices)
+    before = po.split_totals(llm.engine.stats)
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available() and not args.smoke:
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
         llm.generate(prompts, params)
-        bp.sync_devices(devices)
-    split = bp.split_means(before, bp.split_totals(llm.engine.stats))
+        po.sync_devices(devices)
+    split = po.split_means(before, po.split_totals(llm.engine.stats))
     print(f"round split (ms per round): {split}", flush=True)
     ka = prof.key_averages()
     if ProfilerActivity.CUDA in activities:
@@ -94,13 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.trace:
         write_trace(prof, args.trace)
     if args.cprofile:
-        before = bp.split_totals(llm.engine.stats)
+        before = po.split_totals(llm.engine.stats)
         pr = cProfile.Profile()
         pr.enable()
         llm.generate(prompts, params)
-        bp.sync_devices(devices)
+        po.sync_devices(devices)
         pr.disable()
-        split = bp.split_means(before, bp.split_totals(llm.engine.stats))
+        split = po.split_means(before, po.split_totals(llm.engine.stats))
         print(f"round split under cProfile (ms per round): {split}", flush=True)
         for key in ("tottime", "cumulative"):
             buf = io.StringIO()

@@ -28,6 +28,7 @@ def _load() -> ModuleType:
 
 
 bp = _load()
+pv = importlib.import_module("peer_vllm")  # NOTE: bench_peer put benchmarks/ on sys.path
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_parse_peer_output() -> None:
         "some vLLM log line\n"
         "[tgt eagle3] batch 8: 2.88 ms per step-token (2778 tok/s aggregate), TTFT~35 ms\n"
     )
-    r = bp.parse_peer(text, bp.Case("tgt", "eagle3"))
+    r = pv.parse_peer(text, bp.Case("tgt", "eagle3"))
     assert r.side == "vllm"
     assert r.ms == {1: 2.65, 8: 2.88}
     assert r.ttft_ms == {1: 18.0, 8: 35.0}
@@ -144,7 +145,7 @@ def test_merge_puts_split_runs_side_by_side(
     smoke: tuple[dict[str, Any], str, Path], tmp_path: Path
 ) -> None:
     _, _, ours = smoke
-    peer = bp.parse_peer(
+    peer = pv.parse_peer(
         "[tgt plain] batch 1: 4.71 ms per step-token (212 tok/s aggregate), TTFT~20 ms\n",
         bp.Case("tgt", "plain"),
     )
