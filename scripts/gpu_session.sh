@@ -16,8 +16,11 @@
 # sweep-moe (gpu_moe.py --sweep), moe-tests / attn-tests (one kernel test file), profile-tgt /
 # profile-moe (benchmarks/profile_round.py, EAGLE-3 at batch 1, with a timeline and cProfile),
 # skinny (benchmarks/gpu_skinny.py: the skinny GEMM's table, into /tmp/skinny.json, which every
-# later step on the machine then uses), skinny-tests, kernels-base (bench-kernels with the
-# skinny GEMM off). STEP@0+1 runs one step on other GPUs (here 0 and 1) than its lane's.
+# later step on the machine then uses; skinny-full re-sweeps one row of the target shapes with
+# every candidate into the committed table), skinny-tests, kernels-base / kernels-nopdl
+# (bench-kernels with the skinny GEMM / PDL off), graph-tests (test_cuda_graph), draft-graph
+# (the gpu tests of tests/integration/test_eagle3.py). STEP@0+1 runs one step on other GPUs
+# (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
 source scripts/device_env.sh
