@@ -50,16 +50,11 @@ def median_ms(
 
 
 def capture(fn: Callable[[], Any]) -> Callable[[], None]:
-    """A CUDA graph of ``fn`` (warmed up on a side stream); returns its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """A CUDA graph of ``fn`` on the current device (``workers.cuda_graph.capture_graph``);
+    returns its replay."""
+    from outrider.workers.cuda_graph import capture_graph
+
+    graph, _ = capture_graph(fn, torch.device("cuda", torch.cuda.current_device()))
     return graph.replay
 
 

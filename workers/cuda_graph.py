@@ -28,9 +28,9 @@ request) never triggers a capture; ``capture()`` captures chosen lengths ahead o
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _WARMUP_RUNS = 2
+_T = TypeVar("_T")
 
 
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -62,6 +63,26 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     if stream is None:
         stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     return stream
+
+
+def capture_graph(
+    fn: Callable[[], _T], device: torch.device, pool: Any = None
+) -> tuple[torch.cuda.CUDAGraph, _T]:
+    """``fn`` warmed up on a side stream, then captured on ``device``'s capture stream into
+    ``pool`` (None: a new pool); returns the graph and what the captured call returned (its
+    static outputs). Raises RuntimeError when the capture fails."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(_WARMUP_RUNS):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(
+        graph, pool=pool, stream=capture_stream(device), capture_error_mode="thread_local"
+    ):
+        out = fn()
+    return graph, out
 
 
 def padded_batch_size(num_seqs: int, batch_sizes: Sequence[int]) -> int | None:
@@ -287,20 +308,9 @@ class GraphRunner:
         dev = self.runner.device
         try:
             self._stage(None, size, q)
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(_WARMUP_RUNS):
-                    self._forward_static(size, q, aux)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(
-                graph,
-                pool=self._pool,
-                stream=capture_stream(dev),
-                capture_error_mode="thread_local",
-            ):
-                out, md = self._forward_static(size, q, aux)
+            graph, (out, md) = capture_graph(
+                lambda: self._forward_static(size, q, aux), dev, self._pool
+            )
         except RuntimeError as e:
             self.disabled_reason = f"capture of batch {size} x {q} tokens failed: {e}"
             logger.warning("CUDA graphs off for this runner: %s", self.disabled_reason)

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from outrider.kernels.attention.metadata import AttentionMetadata
-from outrider.workers.cuda_graph import capture_stream, padded_batch_size
+from outrider.workers.cuda_graph import capture_graph, padded_batch_size
 from outrider.workers.forward_context import ForwardContext, forward_context
 
 if TYPE_CHECKING:
@@ -36,13 +35,6 @@ if TYPE_CHECKING:
     from outrider.workers.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-_WARMUP_RUNS = 2
-
-
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph | None
 
 
 class DraftStepGraphs:
@@ -86,7 +78,7 @@ class DraftStepGraphs:
         self._query_start_loc = torch.arange(b + 1, dtype=torch.int64, device=dev)
         self._block_tables = ints(b, width)
         self._drafts = ints(s, b)  # [S, B] output
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool: object = None
 
     def fits(self, num_seqs: int, steps: int) -> int | None:
@@ -119,9 +111,9 @@ class DraftStepGraphs:
             if self._capture(size, steps) is None:
                 return None
         self._stage(seq_ids, ends, tokens, hidden, size, steps)
-        entry = self._graphs.get(key)
-        if entry is not None and entry.graph is not None:
-            entry.graph.replay()
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph.replay()
         else:
             self._steps(size, steps)
         self.num_replays += 1
@@ -191,31 +183,18 @@ class DraftStepGraphs:
             tok = model.compute_logits(z).argmax(dim=-1)  # [B]
             self._drafts[j, :size].copy_(tok)
 
-    def _capture(self, size: int, steps: int) -> _Graph | None:
-        dev = self.runner.device
+    def _capture(self, size: int, steps: int) -> torch.cuda.CUDAGraph | None:
         try:
             self._stage(None, [], None, None, size, steps)
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(_WARMUP_RUNS):
-                    self._steps(size, steps)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(
-                graph,
-                pool=self._pool,
-                stream=capture_stream(dev),
-                capture_error_mode="thread_local",
-            ):
-                self._steps(size, steps)
+            graph, _ = capture_graph(
+                lambda: self._steps(size, steps), self.runner.device, self._pool
+            )
         except RuntimeError as e:
             self.disabled_reason = f"capture of {size} sequences x {steps} steps failed: {e}"
             logger.warning("draft-step CUDA graphs off: %s", self.disabled_reason)
             return None
         if self._pool is None:
             self._pool = graph.pool()
-        entry = _Graph(graph)
-        self._graphs[(size, steps)] = entry
+        self._graphs[(size, steps)] = graph
         logger.debug("captured the draft steps for %d sequences x %d steps", size, steps)
-        return entry
+        return graph
