@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,25 +21,35 @@ if INTERPRET:
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-layer Llama (vocab 512) with N(0, 0.08) weights, saved as an HF folder."""
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny_llama(name, **dims) -> path``: a Llama (vocab 512, 1024 positions; by default
+    hidden 256, 8 heads / 2 KV heads, intermediate 512, 4 layers) with N(0, 0.08) weights from
+    seed 0, saved as an HF folder."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        max_position_embeddings=1024,
-    )
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    return path
+    def make(name: str = "tiny", **dims: int) -> Path:
+        torch.manual_seed(0)
+        shape = dict(
+            hidden_size=256,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=512,
+            num_hidden_layers=4,
+        )
+        cfg = LlamaConfig(vocab_size=512, max_position_embeddings=1024, **{**shape, **dims})
+        model = AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.08)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_llama: Callable[..., Path]) -> Path:
+    """The default ``tiny_llama`` (4 layers, vocab 512)."""
+    return tiny_llama()

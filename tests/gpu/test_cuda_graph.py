@@ -8,6 +8,7 @@ run the static-buffer path without capture, with the Triton kernels in the inter
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,25 +39,11 @@ REL_BOUND = 1e-4
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
+def model_dir(tiny_llama: Callable[..., Path]) -> Path:
     if INTERPRET:
-        dims = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-        dims.update(intermediate_size=128, num_hidden_layers=2)
-    else:
-        dims = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2)
-        dims.update(intermediate_size=512, num_hidden_layers=4)
-    cfg = LlamaConfig(vocab_size=512, max_position_embeddings=1024, **dims)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-    path = tmp_path_factory.mktemp("tiny-graph")
-    model.save_pretrained(path)
-    return path
+        small = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128)
+        return tiny_llama("tiny-graph", num_hidden_layers=2, **small)
+    return tiny_llama("tiny-graph")
 
 
 def _runner(path: Path, *, graphs: bool, backend: str = "triton") -> ModelRunner:
