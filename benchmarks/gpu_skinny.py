@@ -112,8 +112,16 @@ def time_graph(fns: list[Callable[[], Any]], device: str) -> float:
 
 
 def sweep_one(
-    n: int, k: int, prologue: st.Prologue, rows: int, dtype: torch.dtype, device: str
+    n: int,
+    k: int,
+    prologue: st.Prologue,
+    rows: int,
+    dtype: torch.dtype,
+    device: str,
+    bandwidth: float | None,
 ) -> dict[str, Any]:
+    """The best tiles for one case and its times; the floor is the weight bytes over the copy
+    bandwidth (None on the interpreter)."""
     weight_bytes = n * k * dtype.itemsize
     copies = max(1, min(8, -(-L2_BYTES // weight_bytes)))
     ws = [rand(n, k, dtype=dtype, device=device, scale=k**-0.5) for _ in range(copies)]
@@ -155,7 +163,6 @@ def sweep_one(
     out, _ = sg.skinny_gemm(x, ws[0], prologue=prologue, eps=1e-6, config=cfg, **kw)
     ref, _ = sg.skinny_gemm_ref(x, ws[0], prologue=prologue, eps=1e-6, **kw)
     err = float(((out.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1)).max())
-    floor_us = None
     del ws
     return {
         "config": cfg,
@@ -164,7 +171,7 @@ def sweep_one(
         "speedup": round(base_us / us, 3),
         "max_row_error": err,
         "weight_mb": round(weight_bytes / 1e6, 1),
-        "floor_us": floor_us,
+        "floor_us": None if bandwidth is None else round(weight_bytes / bandwidth * 1e6, 2),
     }
 
 
@@ -204,9 +211,7 @@ def main() -> None:
             continue
         for prologue in prologues:
             for rows in rows_list:
-                r = sweep_one(n, k, prologue, rows, dtype, device)
-                if bandwidth:
-                    r["floor_us"] = round(n * k * dtype.itemsize / bandwidth * 1e6, 2)
+                r = sweep_one(n, k, prologue, rows, dtype, device, bandwidth)
                 cfg = r.pop("config")
                 use = r["us"] < 0.98 * r["baseline_us"]
                 key = st.table_key(prologue, rows, n, k)
