@@ -105,11 +105,9 @@ class DraftStepGraphs:
             return None
         key = (size, steps)
         if self.capture_graphs and key not in self._graphs:
-            for more in range(1, self.usual_steps + 1):
-                if more != steps and (size, more) not in self._graphs:
-                    self._capture(size, more)
-            if self._capture(size, steps) is None:
-                return None
+            for s in sorted({steps, *range(1, self.usual_steps + 1)}):
+                if (size, s) not in self._graphs and self._capture(size, s) is None:
+                    return None
         self._stage(seq_ids, ends, tokens, hidden, size, steps)
         graph = self._graphs.get(key)
         if graph is not None:
