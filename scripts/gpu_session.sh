@@ -19,7 +19,7 @@
 # later step on the machine then uses; skinny-full re-sweeps one row of the target shapes with
 # every candidate into the committed table), skinny-tests, kernels-base / kernels-nopdl
 # (bench-kernels with the skinny GEMM / PDL off), graph-tests (test_cuda_graph), draft-graph
-# (the gpu tests of tests/integration/test_eagle3.py). STEP@0+1 runs one step on other GPUs
+# (tests/integration/test_eagle3_device_paths.py). STEP@0+1 runs one step on other GPUs
 # (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
@@ -58,7 +58,7 @@ run_step() {
       && cp "$R/skinny.json" "$SKINNY" ;;
     skinny-tests) step skinny-tests $PYTEST -m gpu tests/gpu/test_skinny_gemm.py ;;
     graph-tests) step graph-tests $PYTEST -m gpu tests/gpu/test_cuda_graph.py ;;
-    draft-graph) step draft-graph $PYTEST -m gpu tests/integration/test_eagle3.py ;;
+    draft-graph) step draft-graph $PYTEST -m gpu tests/integration/test_eagle3_device_paths.py ;;
     skinny-full) step skinny-full python3 benchmarks/gpu_skinny.py --rows 1 --shapes 8b.,qwen3. \
       --merge kernels/fused/skinny_gemm_configs/nvidia_h200.json --out "$R/skinny.json" \
       && cp "$R/skinny.json" "$SKINNY" ;;

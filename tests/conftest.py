@@ -8,6 +8,7 @@ if os.environ.get("OUTRIDER_TRITON_INTERPRET") == "1":
 
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest  # noqa: E402
@@ -149,6 +150,34 @@ class PatternDraftLength:
 @pytest.fixture(scope="session")
 def pattern_draft_length() -> type[PatternDraftLength]:
     return PatternDraftLength
+
+
+@pytest.fixture(scope="session")
+def eagle3_helpers() -> ModuleType:
+    """tests/integration/test_eagle3.py as a module: its speculators checkpoint writers,
+    random tensors, reference cases and proposer builder, for other test files."""
+    import importlib.util
+
+    path = Path(__file__).parent / "integration" / "test_eagle3.py"
+    spec = importlib.util.spec_from_file_location("outrider_eagle3_test_helpers", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """``free_port()``: a TCP port on 127.0.0.1 that nothing is bound to now."""
+    return _free_port
 
 
 def _wait_serve_app(name: str, timeout_s: float = 300.0) -> None:

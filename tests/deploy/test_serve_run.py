@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -29,12 +28,6 @@ import yaml
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _for_this_machine(serve_yaml: dict[str, Any], port: int) -> dict[str, Any]:
@@ -63,12 +56,13 @@ def test_serve_run_deploy_serve_yaml_answers_a_request(
     serve_yaml: dict[str, Any],
     serve_check: ModuleType,
     wait_serve_app: Callable[..., None],
+    free_port: Callable[[], int],
 ) -> None:
     from click.testing import CliRunner
     from ray.serve._private.constants import SERVE_NAMESPACE
     from ray.serve.scripts import cli
 
-    port = _free_port()
+    port = free_port()
     cfg = _for_this_machine(serve_yaml, port)
     serve_check.check_serve_config(cfg)
     path = tmp_path / "serve.yaml"

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,14 +179,8 @@ def reference() -> Callable[[Model], tuple[Outputs, Outputs]]:
     return get
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[int]:
+def cluster(free_port: Callable[[], int]) -> Iterator[int]:
     # NOTE: Ray's workers (the Serve replica and the worker groups it starts) inherit the
     # driver's environment, PYTHONPATH included, when this ray.init starts the local cluster.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -200,7 +193,7 @@ def cluster() -> Iterator[int]:
         resources={"target_gpu": 2 if CPU_MODE else max(1, min(2, NUM_GPUS - 1)), "drafter_gpu": 1},
         **devices,
     )
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()

@@ -7,7 +7,6 @@ next delta, hidden-state rows included; greedy output must equal plain greedy de
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -54,15 +53,6 @@ def _check_switching(llm: LLM, plain: list[list[int]], policy: Any) -> None:
     assert llm.runner.kv.num_used_blocks == 0
 
 
-def _eagle3_helpers() -> ModuleType:
-    path = Path(__file__).with_name("test_eagle3.py")
-    spec = importlib.util.spec_from_file_location("outrider_eagle3_test_helpers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_ngram(overlap: bool, tiny_model, pattern_draft_length) -> None:  # type: ignore[no-untyped-def]
     path, _ = tiny_model("llama")
@@ -97,9 +87,11 @@ def test_draft_model(drafter: str, overlap: bool, tiny_model, pattern_draft_leng
 
 
 @pytest.mark.parametrize("method", ["eagle3", "peagle"])
-def test_eagle3_family(method: str, tiny_model, tmp_path: Path, pattern_draft_length) -> None:  # type: ignore[no-untyped-def]
+def test_eagle3_family(  # type: ignore[no-untyped-def]
+    method: str, tiny_model, tmp_path: Path, pattern_draft_length, eagle3_helpers: ModuleType
+) -> None:
     """Hidden-state rows of the skipped rounds reach the drafter with its catch-up delta."""
-    helpers = _eagle3_helpers()
+    helpers = eagle3_helpers
     _, base = tiny_model("llama")
     model = copy.deepcopy(base)
     with torch.no_grad():

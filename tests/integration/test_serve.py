@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,21 +32,15 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[int]:
+def cluster(free_port: Callable[[], int]) -> Iterator[int]:
     ray.init(
         _node_ip_address="127.0.0.1",
         num_cpus=8,
         include_dashboard=False,
         logging_level=logging.WARNING,
     )
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()

@@ -8,10 +8,10 @@ another, so the router's two calls of a round really run at the same time.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -105,12 +105,10 @@ def test_serial_round_time_adds_up(tiny_model) -> None:  # type: ignore[no-untyp
     assert 0 < stats.overhead_s < stats.wall_s
 
 
-def test_overlap_refused_for_drafters_that_need_hidden_states(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    path = Path(__file__).with_name("test_eagle3.py")
-    spec = importlib.util.spec_from_file_location("outrider_eagle3_test_helpers", path)
-    assert spec is not None and spec.loader is not None
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
+def test_overlap_refused_for_drafters_that_need_hidden_states(  # type: ignore[no-untyped-def]
+    tiny_model, tmp_path: Path, eagle3_helpers: ModuleType
+) -> None:
+    helpers = eagle3_helpers
     target, _ = tiny_model("llama")
     cfg = helpers.layer_config("llama")
     ckpt = helpers.write_checkpoint(
