@@ -19,7 +19,9 @@
 # later step on the machine then uses; skinny-full re-sweeps one row of the target shapes with
 # every candidate into the committed table), skinny-tests, kernels-base / kernels-nopdl
 # (bench-kernels with the skinny GEMM / PDL off), graph-tests (test_cuda_graph), draft-graph
-# (tests/integration/test_eagle3_device_paths.py). STEP@0+1 runs one step on other GPUs
+# (tests/integration/test_eagle3_device_paths.py), peer-ab (bench_peer on the 8B shape at
+# batches 1 and 8, drafter on the second GPU, then on the target's), peer-moe (the same for
+# Qwen3-30B-A3B), profile-x (profile_round with the drafter on the second GPU). STEP@0+1 runs one step on other GPUs
 # (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
@@ -83,6 +85,16 @@ run_step() {
     peer-goodput) step peer-goodput python3 benchmarks/bench_peer.py --side outrider \
       --peer-dir .peer --batch-sizes 1,4,8,16,32 --draft-length-policy goodput \
       --json "$R/bench_peer_goodput.json" ;;
+    peer-ab) step peer-ab python3 benchmarks/bench_peer.py --side outrider --peer-dir .peer \
+      --targets tgt --batch-sizes 1,8 --json "$R/bench_peer_ab.json"
+      step peer-same python3 benchmarks/bench_peer.py --side outrider --peer-dir .peer \
+      --targets tgt --modes plain,eagle3 --batch-sizes 1,8 --drafter-device cuda:0 \
+      --json "$R/bench_peer_same.json" ;;
+    peer-moe) step peer-moe python3 benchmarks/bench_peer.py --side outrider --peer-dir .peer \
+      --targets moe --batch-sizes 1,8 --json "$R/bench_peer_moe.json" ;;
+    profile-x) step profile-x env OUTRIDER_DRAFT_GRAPHS=1 python3 benchmarks/profile_round.py \
+      tgt eagle3 --peer-dir .peer \
+      --trace "$R/profile-x.json.gz" ;;
     sweep-attn) OUT=$R step sweep-attn python3 benchmarks/gpu_kernels.py --sweep ;;
     sweep-moe) OUT=$R step sweep-moe python3 benchmarks/gpu_moe.py --sweep ;;
     *) echo "unknown step $1" >>"$R/steps.log" ;;

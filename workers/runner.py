@@ -28,6 +28,7 @@ from outrider.workers.models.base import IntermediateTensors, ModelOutput
 from outrider.workers.models.loader import load_model
 from outrider.workers.pipeline import broadcast_from_last, recv_stage_input, send_stage_output
 from outrider.workers.protocol import Delta
+from outrider.workers.staging import to_device_ints
 
 logger = logging.getLogger(__name__)
 
@@ -270,18 +271,20 @@ class ModelRunner:
         seq_lens: list[int],
         causal: bool,
     ) -> PreparedBatch:
-        dev = self.device
         tables = [self.kv.block_table(d.seq_id) for d in deltas]
-        width = max((len(t) for t in tables), default=1)
-        block_tables = torch.zeros(len(tables), max(width, 1), dtype=torch.int64)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+        width = max(max((len(t) for t in tables), default=1), 1)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        # NOTE: one asynchronous copy for the whole step; the host does not wait for the device.
+        ids, pos, slot, q_loc, lens, flat_tables = to_device_ints(
+            [input_ids, positions, slots, q_start, seq_lens, [i for t in padded for i in t]],
+            self.device,
+        )
         q_lens = [b - a for a, b in zip(q_start[:-1], q_start[1:], strict=True)]
         md = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(q_start, dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
-            block_tables=block_tables.to(dev),
+            slot_mapping=slot,
+            query_start_loc=q_loc,
+            seq_lens=lens,
+            block_tables=flat_tables.view(len(tables), width),
             max_query_len=max(q_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
             causal=causal,
@@ -289,8 +292,8 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
         )
         return PreparedBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            input_ids=ids,
+            positions=pos,
             attn_metadata=md,
             query_start_loc=q_start,
             seq_ids=[d.seq_id for d in deltas],

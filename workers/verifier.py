@@ -27,6 +27,7 @@ from outrider.kernels.sampling.ops import (
 from outrider.workers.config import SamplingParams
 from outrider.workers.protocol import Delta
 from outrider.workers.runner import ModelRunner, on_runner_device
+from outrider.workers.staging import select_rows
 from outrider.workers.synthetic import (
     check_rates,
     conditional_rates,
@@ -143,7 +144,7 @@ class Verifier:
         ]
         hidden = out.hidden_states
         assert hidden is not None, "verify runs on the last pipeline stage"
-        logits = self.runner.compute_logits(hidden[rows])  # [sum(k_b + 1), V]
+        logits = self.runner.compute_logits(select_rows(hidden, rows))  # [sum(k_b + 1), V]
         outputs, accepted = self._accept(items, params, num_draft, logits)
         result = VerifyResult(outputs, accepted)
         if self.aux_layer_ids:
@@ -152,7 +153,9 @@ class Verifier:
                 (q_start[b], q_start[b] + len(it.delta.token_ids) + accepted[b])
                 for b, it in enumerate(items)
             ]
-            result.hidden_states = torch.cat([aux[a:e] for a, e in spans])  # [R, A*H]
+            parts = [aux[a:e] for a, e in spans]
+            # NOTE: aux is a fresh tensor (not a graph's static output), so a slice may be kept.
+            result.hidden_states = parts[0] if len(parts) == 1 else torch.cat(parts)  # [R, A*H]
             result.hidden_rows = [e - a for a, e in spans]
         result.forward_s = time.perf_counter() - t0
         return result
@@ -164,6 +167,18 @@ class Verifier:
         num_draft: Sequence[int],
         logits: torch.Tensor,  # [sum(k_b + 1), V]
     ) -> tuple[list[list[int]], list[int]]:
+        if all(p.greedy for p in params):
+            return self._accept_greedy(items, num_draft, logits)
+        return self._accept_tensors(items, params, num_draft, logits)
+
+    def _accept_tensors(
+        self,
+        items: Sequence[VerifyItem],
+        params: Sequence[SamplingParams],
+        num_draft: Sequence[int],
+        logits: torch.Tensor,  # [sum(k_b + 1), V]
+    ) -> tuple[list[list[int]], list[int]]:
+        """Acceptance on the device: sampled sequences (and greedy ones beside them)."""
         b_total = len(items)
         k_max = max(num_draft, default=0)
         dev = logits.device
@@ -205,6 +220,40 @@ class Verifier:
         out_list = out_tokens.tolist()
         acc_list = n_acc.tolist()
         return [row[: a + 1] for row, a in zip(out_list, acc_list, strict=True)], acc_list
+
+    def _accept_greedy(
+        self,
+        items: Sequence[VerifyItem],
+        num_draft: Sequence[int],
+        logits: torch.Tensor,  # [sum(k_b + 1), V]
+    ) -> tuple[list[list[int]], list[int]]:
+        """Every sequence greedy: the target's argmax tokens come to the host in one read and
+        acceptance is a few integer comparisons per sequence (the same rule as
+        ``rejection_sample_strict`` and ``synthetic_accept``, without a launch per step)."""
+        target = logits.argmax(dim=-1).tolist()  # NOTE: the call's one device read
+        cond = self.synthetic_cond
+        uniforms: list[list[float]] = []
+        if cond is not None:
+            k_max = max(num_draft, default=0)
+            gens = [self._synthetic_gens[it.delta.seq_id] for it in items]
+            uniforms = draw_synthetic_uniforms(num_draft, k_max, gens).tolist()  # [B, K]
+        outputs: list[list[int]] = []
+        accepted: list[int] = []
+        off = 0
+        for b, it in enumerate(items):
+            n, drafts = num_draft[b], it.draft_token_ids
+            own = target[off : off + n + 1]  # the target's token at each position
+            off += n + 1
+            a = 0
+            if cond is None:
+                while a < n and drafts[a] == own[a]:
+                    a += 1
+            else:
+                while a < n and a < len(cond) and uniforms[b][a] < cond[a]:
+                    a += 1
+            outputs.append(list(drafts[:a]) + [own[a]])
+            accepted.append(a)
+        return outputs, accepted
 
     def _accept_synthetic(
         self,

@@ -34,6 +34,7 @@ from outrider.workers.protocol import Delta
 from outrider.workers.runner import ModelRunner, on_runner_device
 from outrider.workers.spec_config import SpeculativeConfig
 from outrider.workers.speculators import load_for_target
+from outrider.workers.staging import select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class DFlashProposer(Proposer):
         assert out.hidden_states is not None
         q_start = batch.query_start_loc
         rows = [q_start[j] + s for j, ss in enumerate(slots) for s in ss]
-        logits = self.runner.compute_logits(out.hidden_states[rows])  # [R, Vt]
+        logits = self.runner.compute_logits(select_rows(out.hidden_states, rows))  # [R, Vt]
         row_seq = [b for b, ss in zip(active, slots, strict=True) for _ in ss]
         tokens, q = self.sampler.pick([items[b].delta.seq_id for b in row_seq], logits)
         for j, b in enumerate(row_seq):

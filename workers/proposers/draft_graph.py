@@ -29,6 +29,7 @@ import torch
 from outrider.kernels.attention.metadata import AttentionMetadata
 from outrider.workers.cuda_graph import capture_graph, padded_batch_size
 from outrider.workers.forward_context import ForwardContext, forward_context
+from outrider.workers.staging import to_device_ints
 
 if TYPE_CHECKING:
     from outrider.workers.models.eagle3 import Eagle3DraftModel
@@ -145,14 +146,18 @@ class DraftStepGraphs:
             for j in range(steps):
                 pos[j][b], slot[j][b], lens[j][b] = end + j, slots[j], end + j + 1
             tables.append(kv.block_table(seq_id))
-        self._geometry[:, :steps, :size].copy_(torch.tensor([pos, slot, lens], dtype=torch.int64))
+        width = max((len(t) for t in tables), default=0)
+        geometry, flat_tables = to_device_ints(
+            [
+                [x for rows in (pos, slot, lens) for row in rows for x in row],
+                [i for t in tables for i in t + [0] * (width - len(t))],
+            ],
+            runner.device,
+        )
+        self._geometry[:, :steps, :size].copy_(geometry.view(3, steps, size))
         if n:
-            width = max(len(t) for t in tables)
-            bt = torch.zeros(n, width, dtype=torch.int64)
-            for b, t in enumerate(tables):
-                bt[b, : len(t)] = torch.tensor(t, dtype=torch.int64)
             # NOTE: columns past a row's last block keep stale ids; no key reaches them.
-            self._block_tables[:n, :width].copy_(bt)
+            self._block_tables[:n, :width].copy_(flat_tables.view(n, width))
         self._block_tables[n:size, :1].fill_(scratch)
         if tokens is not None and hidden is not None:
             self._token[:n].copy_(tokens)

@@ -24,6 +24,7 @@ from outrider.workers.proposers.drafting import DraftSampler
 from outrider.workers.protocol import Delta
 from outrider.workers.runner import ModelRunner, on_runner_device
 from outrider.workers.spec_config import SpeculativeConfig
+from outrider.workers.staging import select_rows
 
 
 def pard_token_id(hf_config: object) -> int | None:
@@ -86,7 +87,7 @@ class DraftModelProposer(Proposer):
         out = self.runner.forward(batch)
         assert out.hidden_states is not None
         rows = [batch.query_start_loc[b] + r for b, rs in enumerate(rows_per_seq) for r in rs]
-        return self.runner.compute_logits(out.hidden_states[rows])
+        return self.runner.compute_logits(select_rows(out.hidden_states, rows))
 
     @on_runner_device
     @torch.inference_mode()

@@ -39,6 +39,7 @@ from outrider.workers.protocol import Delta
 from outrider.workers.runner import ModelRunner, PreparedBatch, on_runner_device
 from outrider.workers.spec_config import SpeculativeConfig
 from outrider.workers.speculators import load_for_target
+from outrider.workers.staging import select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ class Eagle3Proposer(Proposer):
                 drafts[b] = graphed[i]
             return ProposeResult(drafts, [None for _ in items])
         if flat:
-            logits = self.model.compute_logits(z[flat])  # [R, Vt]
+            logits = self.model.compute_logits(select_rows(z, flat))  # [R, Vt]
             self._pick_into(owners, seq_of, logits, drafts, probs)
         # sequential steps 2..k: one token per forward for sequences that still need drafts
         last = {b: fed[starts[i] + len(contexts[b].token_ids) - 1] for i, b in enumerate(live)}
@@ -295,13 +296,13 @@ class Eagle3Proposer(Proposer):
             return None
         if graphs.fits(len(live), steps) is None:
             return None
-        tokens = self.model.compute_logits(z[flat]).argmax(dim=-1)  # [n]
+        tokens = self.model.compute_logits(select_rows(z, flat)).argmax(dim=-1)  # [n]
         idx = [starts[i] + len(contexts[b].token_ids) - 1 for i, b in enumerate(live)]
         return graphs.run(
             [contexts[b].seq_id for b in live],
             [contexts[b].end_pos for b in live],
             tokens,
-            fed[idx],
+            select_rows(fed, idx),
             steps,
         )
 
