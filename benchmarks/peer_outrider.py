@@ -143,8 +143,9 @@ def measure_outrider(case: Case, s: Settings) -> Result:
     result = Result(case, "outrider", info=info)
     run(1, 8)
     for bs in s.batch_sizes:
-        # NOTE: CUDA graphs are captured on first use; vLLM captures its own at start-up.
-        run(bs, 8)
+        # NOTE: CUDA graphs are captured and Triton variants compiled on first use (vLLM does
+        # both at start-up): one untimed run of the full length keeps them out of the timing.
+        run(bs, s.num_tokens + 1)
         t1, _ = run(bs, 1)
         before = split_totals(llm.engine.stats)
         tn, al = run(bs, s.num_tokens + 1)
@@ -155,9 +156,10 @@ def measure_outrider(case: Case, s: Settings) -> Result:
     return result
 
 
-def split_totals(stats: Any) -> dict[str, float]:
+def split_totals(stats: Any) -> dict[str, Any]:
     k_sum = sum(k * n for k, n in stats.rounds_by_k.items())
     return {
+        "walls": list(stats.recent_wall_s),
         "rounds": float(stats.num_rounds),
         "wall": stats.wall_s,
         "draft": stats.draft_s,
@@ -167,13 +169,18 @@ def split_totals(stats: Any) -> dict[str, float]:
     }
 
 
-def split_means(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+def split_means(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """Per-round means between two ``split_totals``, with the median and the slowest round."""
     n = b["rounds"] - a["rounds"]
     if n <= 0:
         return {"rounds": 0.0}
     out = {"rounds": n, "mean_k": (b["k"] - a["k"]) / n}
     for key in ("wall", "draft", "verify", "overhead"):
         out[f"{key}_ms"] = (b[key] - a[key]) / n * 1e3
+    walls = sorted(b["walls"][-int(n) :])
+    if walls:
+        out["p50_ms"] = walls[len(walls) // 2] * 1e3
+        out["max_ms"] = walls[-1] * 1e3
     return out
 
 

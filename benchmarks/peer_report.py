@@ -62,9 +62,9 @@ def table(results: Sequence[Result], batch_sizes: Sequence[int]) -> tuple[str, l
 def split_table(results: Sequence[Result], batch_sizes: Sequence[int]) -> str:
     """outrider's round time split (per-round means over the timed run)."""
     lines = [
-        "| shape | mode | batch | rounds | mean k | round ms | draft ms | verify ms "
-        "| overhead ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | mode | batch | rounds | mean k | round ms | p50 / max ms | draft ms "
+        "| verify ms | overhead ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.side != "outrider":
@@ -76,6 +76,7 @@ def split_table(results: Sequence[Result], batch_sizes: Sequence[int]) -> str:
             lines.append(
                 f"| {SHAPE_NAMES[r.case.target]} | {mode_label(r.case.mode)} | {bs} | "
                 f"{sp['rounds']:.0f} | {sp['mean_k']:.2f} | {sp['wall_ms']:.2f} | "
+                f"{sp.get('p50_ms', 0.0):.2f} / {sp.get('max_ms', 0.0):.2f} | "
                 f"{sp['draft_ms']:.2f} | {sp['verify_ms']:.2f} | {sp['overhead_ms']:.2f} |"
             )
     return "\n".join(lines)

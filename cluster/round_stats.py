@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from outrider.cluster.sequence import SpecStats
@@ -22,6 +23,9 @@ class RoundTiming:
     overlap_misses: int = 0
 
 
+RECENT_ROUNDS = 8192
+
+
 @dataclass
 class EngineStats:
     spec: SpecStats = field(default_factory=SpecStats)
@@ -35,8 +39,11 @@ class EngineStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     overhead_s: float = 0.0
+    # the wall times of the latest rounds (percentiles; one-off stalls stand out from the mean)
+    recent_wall_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_ROUNDS))
 
     def record(self, t: RoundTiming) -> None:
+        self.recent_wall_s.append(t.wall_s)
         self.rounds_by_k[t.k] = self.rounds_by_k.get(t.k, 0) + 1
         self.num_overlap_hits += t.overlap_hits
         self.num_overlap_misses += t.overlap_misses

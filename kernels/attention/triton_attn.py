@@ -170,7 +170,9 @@ def _find_seq(qsl_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# NOTE: no value specialisation of the ints that change from step to step (batch size, splits,
+# block-table width): an eager caller would otherwise compile a new variant mid-run.
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt"])
 def _paged_attn_kernel(
     q_ptr,
     kc_ptr,

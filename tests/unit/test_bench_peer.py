@@ -73,9 +73,12 @@ def test_smoke_table_rows_and_synthetic_label(smoke: tuple[dict[str, Any], str, 
     assert "overhead ms" in split[0]
     assert [tuple(c.strip() for c in line.strip("|").split("|")[:3]) for line in split[1:]] == want
     for line in split[1:]:
-        wall, draft, verify, overhead = (float(c) for c in line.strip("|").split("|")[5:9])
+        cells = line.strip("|").split("|")
+        wall, draft, verify, overhead = (float(cells[i]) for i in (5, 7, 8, 9))
+        p50, slowest = (float(c) for c in cells[6].split("/"))
         assert draft >= 0 and verify > 0 and overhead >= 0
         assert abs(wall - (draft + verify + overhead)) < 0.02 * wall + 0.02
+        assert 0 < p50 <= slowest
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
 
 
