@@ -17,7 +17,8 @@
 # profile-moe (benchmarks/profile_round.py, EAGLE-3 at batch 1, with a timeline and cProfile),
 # skinny (benchmarks/gpu_skinny.py: the skinny GEMM's table, into /tmp/skinny.json, which every
 # later step on the machine then uses; skinny-full re-sweeps one row of the target shapes with
-# every candidate into the committed table), skinny-tests, kernels-base / kernels-nopdl
+# every candidate into the committed table), skinny-tests, engine-tests (the engine, rejection
+# and spec-perf GPU tests), kernels-base / kernels-nopdl
 # (bench-kernels with the skinny GEMM / PDL off), graph-tests (test_cuda_graph), draft-graph
 # (tests/integration/test_eagle3_device_paths.py), peer-ab (bench_peer on the 8B shape at
 # batches 1 and 8, drafter on the second GPU, then on the target's), peer-moe (the same for
@@ -61,6 +62,8 @@ run_step() {
     skinny) step skinny python3 benchmarks/gpu_skinny.py --quick --out "$R/skinny.json" \
       && cp "$R/skinny.json" "$SKINNY" ;;
     skinny-tests) step skinny-tests $PYTEST -m gpu tests/gpu/test_skinny_gemm.py ;;
+    engine-tests) step engine-tests $PYTEST -m gpu tests/gpu/test_engine_cuda.py \
+      tests/gpu/test_triton_rejection.py tests/gpu/test_spec_perf_cuda.py ;;
     graph-tests) step graph-tests $PYTEST -m gpu tests/gpu/test_cuda_graph.py ;;
     draft-graph) step draft-graph $PYTEST -m gpu tests/integration/test_eagle3_device_paths.py ;;
     skinny-full) step skinny-full python3 benchmarks/gpu_skinny.py --rows 1 --shapes 8b.,qwen3. \
