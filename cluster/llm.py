@@ -81,7 +81,6 @@ class LLM:
                 target_vocab_size=self.runner.hf_config.vocab_size,
                 target_num_layers=self.runner.hf_config.num_hidden_layers,
                 target_moe_backend=self.runner.moe_backend,
-                target_device=self.runner.device,
             )
             if self.spec is not None
             else None

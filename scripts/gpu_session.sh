@@ -22,10 +22,9 @@
 # (bench-kernels with the skinny GEMM / PDL off), graph-tests (test_cuda_graph), draft-graph
 # (tests/integration/test_eagle3_device_paths.py), peer-ab (bench_peer on the 8B shape at
 # batches 1 and 8, drafter on the second GPU, then on the target's), peer-moe (the same for
-# Qwen3-30B-A3B), profile-x (profile_round with the drafter on the second GPU, its step graphs on),
-# profile-pex / profile-e3x (P-EAGLE / eager EAGLE-3 with the drafter on the second GPU),
-# peer-e3g (EAGLE-3 on the second GPU with its step graphs forced on). STEP@0+1 runs one step on other GPUs
-# (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
+# Qwen3-30B-A3B), profile-x (profile_round with the drafter on the second GPU),
+# profile-pex (the same for P-EAGLE). STEP@0+1 runs one step on other GPUs (here 0 and 1)
+# than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
 source scripts/device_env.sh
@@ -97,16 +96,11 @@ run_step() {
       --json "$R/bench_peer_same.json" ;;
     peer-moe) step peer-moe python3 benchmarks/bench_peer.py --side outrider --peer-dir .peer \
       --targets moe --batch-sizes 1,8 --json "$R/bench_peer_moe.json" ;;
-    profile-x) step profile-x env OUTRIDER_DRAFT_GRAPHS=1 python3 benchmarks/profile_round.py \
+    profile-x) step profile-x python3 benchmarks/profile_round.py \
       tgt eagle3 --peer-dir .peer \
       --trace "$R/profile-x.json.gz" ;;
     profile-pex) step profile-pex python3 benchmarks/profile_round.py tgt peagle --peer-dir .peer \
       --trace "$R/profile-pex.json.gz" ;;
-    profile-e3x) step profile-e3x python3 benchmarks/profile_round.py tgt eagle3 --peer-dir .peer \
-      --trace "$R/profile-e3x.json.gz" ;;
-    peer-e3g) step peer-e3g env OUTRIDER_DRAFT_GRAPHS=1 python3 benchmarks/bench_peer.py \
-      --side outrider --peer-dir .peer --targets tgt --modes eagle3 --batch-sizes 1,8 \
-      --json "$R/bench_peer_e3g.json" ;;
     sweep-attn) OUT=$R step sweep-attn python3 benchmarks/gpu_kernels.py --sweep ;;
     sweep-moe) OUT=$R step sweep-moe python3 benchmarks/gpu_moe.py --sweep ;;
     *) echo "unknown step $1" >>"$R/steps.log" ;;

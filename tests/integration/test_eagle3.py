@@ -262,7 +262,6 @@ def ref_probs(t: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
 def _proposer(
     ckpt: Path,
     target_model: ModelConfig | None = None,
-    target_device: torch.device | None = None,
     **spec: Any,
 ) -> Eagle3Proposer:
     target = WorkerConfig(
@@ -278,7 +277,6 @@ def _proposer(
         target_vocab_size=VT,
         target_num_layers=4,
         target_model=target_model,
-        target_device=target_device,
     )
 
 

@@ -24,7 +24,11 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 )
 @pytest.mark.parametrize("case", ["llama-eagle3", "qwen3-eagle3-d2t-norms"])
 def test_draft_step_graph_path_matches_eager_loop(
-    case: str, device: str, tmp_path: Path, eagle3_helpers: ModuleType
+    case: str,
+    device: str,
+    tmp_path: Path,
+    eagle3_helpers: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Steps 2..k on the static buffers of ``DraftStepGraphs`` (padded batch, one read at the
     end; captured and replayed as CUDA graphs on a GPU, float32 there) draft exactly what the
@@ -43,9 +47,11 @@ def test_draft_step_graph_path_matches_eager_loop(
         draft_vocab=h.VT if kept is None else len(kept), dtype=h.F64, **flags,
     )  # fmt: skip
     dtype = "float64" if device == "cpu" else "float32"
-    eager = h._proposer(ckpt, dtype=dtype, device=device)
-    # NOTE: by default on when the target shares the drafter's GPU in this process, else off.
-    graphed = h._proposer(ckpt, dtype=dtype, device=device, target_device=torch.device(device))
+    with monkeypatch.context() as m:
+        m.setenv("OUTRIDER_DRAFT_GRAPHS", "0")
+        eager = h._proposer(ckpt, dtype=dtype, device=device)
+    # NOTE: on by default on CUDA (the eager loop only where capture is impossible).
+    graphed = h._proposer(ckpt, dtype=dtype, device=device)
     assert eager.step_graphs is None
     assert (graphed.step_graphs is not None) == (device == "cuda")
     steps = DraftStepGraphs(

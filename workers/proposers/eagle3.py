@@ -46,15 +46,6 @@ logger = logging.getLogger(__name__)
 MAX_K = 32
 
 
-def _same_gpu(a: torch.device | None, b: torch.device) -> bool:
-    if a is None or a.type != "cuda" or b.type != "cuda":
-        return False
-    current = torch.cuda.current_device()
-    return (a.index if a.index is not None else current) == (
-        b.index if b.index is not None else current
-    )
-
-
 def parallel_blocker(runner: ModelRunner) -> str | None:
     """Why this worker cannot draft P-EAGLE in parallel (None when it can)."""
     # NOTE: the mask entries need only causal multi-token queries, which every backend runs.
@@ -74,10 +65,7 @@ class Eagle3Proposer(Proposer):
         target_vocab_size: int,
         target_num_layers: int,
         target_model: ModelConfig | None = None,
-        target_device: torch.device | None = None,
     ) -> None:
-        """``target_device``: the target's device when it runs in this process (in-process
-        engine), else None."""
         self.spec = spec
         self.ckpt = ckpt = load_for_target(spec.model, "eagle3", target_vocab_size)
         self.aux_layer_ids = ckpt.resolved_aux_layer_ids(target_num_layers)
@@ -116,22 +104,17 @@ class Eagle3Proposer(Proposer):
         self.sampler = DraftSampler(
             self.runner.device, draft_sampling=spec.draft_sampling, vocab_size=target_vocab_size
         )
-        self.step_graphs: DraftStepGraphs | None = self._step_graphs(target_device)
+        self.step_graphs: DraftStepGraphs | None = self._step_graphs()
 
-    def _step_graphs(self, target_device: torch.device | None) -> DraftStepGraphs | None:
+    def _step_graphs(self) -> DraftStepGraphs | None:
         """CUDA graphs for the sequential steps 2..k, when this worker can capture them.
 
-        NOTE: ``OUTRIDER_DRAFT_GRAPHS`` = auto (default) | 1 | 0. ``auto`` turns them on where
-        they were measured to pay: a drafter on its target's GPU in one process. With the
-        target on another GPU of the same process, rounds took more than twice as long
-        (H200, docs/benchmarks.md; cause not found), and a drafter worker of its own has not
-        been measured; ``1`` turns them on there too.
+        NOTE: ``OUTRIDER_DRAFT_GRAPHS=0`` turns them off (the eager loop, for comparisons).
         """
         runner, kernels = self.runner, self.runner.cfg.kernels
         if runner.device.type != "cuda" or kernels.enforce_eager:
             return None
-        mode = os.environ.get("OUTRIDER_DRAFT_GRAPHS", "auto")
-        if mode == "0" or (mode == "auto" and not _same_gpu(target_device, runner.device)):
+        if os.environ.get("OUTRIDER_DRAFT_GRAPHS", "1") == "0":
             return None
         if not getattr(runner.attn_backend, "cuda_graph_safe", False):
             return None

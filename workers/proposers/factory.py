@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import msgspec
-import torch
 
 from outrider.workers.config import (
     ConfigError,
@@ -103,7 +102,6 @@ def build_drafter(
     target_moe_backend: str | None = None,
     start_layer: int = 0,
     end_layer: int | None = None,
-    target_device: torch.device | None = None,
 ) -> Proposer:
     """Build the drafter of one worker (its pipeline stage ``start_layer:end_layer``)."""
     if spec.method == "ngram":
@@ -127,7 +125,6 @@ def build_drafter(
             target_vocab_size=target_vocab_size,
             target_num_layers=target_num_layers,
             target_model=target.model,
-            target_device=target_device,
         )
     if spec.method == "dflash":
         from outrider.workers.proposers.dflash import DFlashProposer
