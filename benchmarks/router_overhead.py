@@ -89,6 +89,18 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         "verify_call_ms": (call_s["verify"] - c0["verify"]) / n * 1e3,
         "verify_forward_ms": (stats.verify_s - v0) / n * 1e3,
     }
+    # NOTE: the bare round trip of an empty call on each group's stream (no forward): what a
+    # call costs before any worker work, next to the overhead the rounds above show.
+    for name, client in (("target", router.target), ("drafter", router.drafter)):
+        if client is None:
+            continue
+        trips = []
+        for _ in range(args.pings):
+            t0 = time.perf_counter()
+            await client.release([])
+            trips.append(time.perf_counter() - t0)
+        trips.sort()
+        out[f"{name}_empty_call_p50_ms"] = trips[len(trips) // 2] * 1e3
     await router.shutdown()
     return out
 
@@ -98,6 +110,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--pings", type=int, default=200, help="empty calls timed per group")
     args = ap.parse_args()
     import ray
 

@@ -23,8 +23,9 @@
 # (tests/integration/test_eagle3_device_paths.py), peer-ab (bench_peer on the 8B shape at
 # batches 1 and 8, drafter on the second GPU, then on the target's), peer-moe (the same for
 # Qwen3-30B-A3B), profile-x (profile_round with the drafter on the second GPU),
-# profile-pex (the same for P-EAGLE). STEP@0+1 runs one step on other GPUs (here 0 and 1)
-# than its lane's. With only msgspec needed, a one-part bundle will do.
+# profile-pex (the same for P-EAGLE), profile-b8 (EAGLE-3 at batch 8), goodput-tgt /
+# goodput-moe (peer-goodput for one target shape). STEP@0+1 runs one step on other GPUs
+# (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
 source scripts/device_env.sh
@@ -101,6 +102,11 @@ run_step() {
       --trace "$R/profile-x.json.gz" ;;
     profile-pex) step profile-pex python3 benchmarks/profile_round.py tgt peagle --peer-dir .peer \
       --trace "$R/profile-pex.json.gz" ;;
+    goodput-tgt | goodput-moe) step "$1" python3 benchmarks/bench_peer.py --side outrider \
+      --peer-dir .peer --targets "${1#goodput-}" --batch-sizes 1,4,8,16,32 \
+      --draft-length-policy goodput --json "$R/bench_peer_$1.json" ;;
+    profile-b8) step profile-b8 python3 benchmarks/profile_round.py tgt eagle3 --peer-dir .peer \
+      --batch 8 --trace "$R/profile-b8.json.gz" ;;
     sweep-attn) OUT=$R step sweep-attn python3 benchmarks/gpu_kernels.py --sweep ;;
     sweep-moe) OUT=$R step sweep-moe python3 benchmarks/gpu_moe.py --sweep ;;
     *) echo "unknown step $1" >>"$R/steps.log" ;;
