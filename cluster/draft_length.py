@@ -68,8 +68,13 @@ class FixedDraftLength:
         pass
 
 
+# An observation is taken as at most this many times the model's prediction for it.
+OUTLIER_FACTOR = 4.0
+
+
 class OnlineLinear:
-    """Exponentially weighted least squares y ~ x . theta, shrunk toward a prior theta.
+    """Exponentially weighted least squares y ~ x . theta, shrunk toward a prior theta, with
+    each observation capped at ``OUTLIER_FACTOR`` times the current prediction.
 
     The prior enters as a ridge penalty ``weight * sum_j s_j^2 (theta_j - prior_j)^2`` with
     s_j the root mean square of feature j over the (weighted) observations, or over
@@ -97,6 +102,9 @@ class OnlineLinear:
         self.theta = self.prior.copy()
 
     def observe(self, x: Sequence[float], y: float) -> None:
+        # NOTE: a one-off stall (a CUDA-graph capture, a kernel compiled on first use) can take
+        # hundreds of times a step; fitted whole, it would outweigh many real steps for long.
+        y = min(y, OUTLIER_FACTOR * self.predict(x))
         v = np.asarray(x, dtype=np.float64)
         self._xtx = self.decay * self._xtx + np.outer(v, v)
         self._xty = self.decay * self._xty + v * y

@@ -193,7 +193,10 @@ class EngineCore:
             t0 = time.perf_counter()
             res: ProposeResult = yield ("propose", (items, self.mode))
             dt = time.perf_counter() - t0
-            self.policy.observe_draft(max(ks[i] for i in cold), sum(ks[i] for i in cold), dt)
+            if self._steady(items, self.k + 1):
+                self.policy.observe_draft(
+                    max(ks[i] for i in cold), sum(ks[i] for i in cold), dt
+                )
             timing.draft_s += res.forward_s or dt
             critical_s += res.forward_s or dt
             for seq in (seqs[i] for i in cold):
@@ -228,19 +231,22 @@ class EngineCore:
             # NOTE: the cost model takes call times; each call here is credited its forward
             # time plus the part of the wall time neither forward explains (the round trip).
             trip = max(dt - (max(fw_v, fw_a) if self.concurrent_overlap else fw_v + fw_a), 0.0)
-            self.policy.observe_verify(num_tokens, fw_v + trip)
-            self.policy.observe_draft(
-                max(it.num_draft for it in ahead_items),
-                sum(it.num_draft for it in ahead_items),
-                fw_a + trip,
-            )
+            if self._steady(items_v, self.k + 1):
+                self.policy.observe_verify(num_tokens, fw_v + trip)
+            if self._steady(ahead_items, 2 * self.k + 2):
+                self.policy.observe_draft(
+                    max(it.num_draft for it in ahead_items),
+                    sum(it.num_draft for it in ahead_items),
+                    fw_a + trip,
+                )
             timing.verify_s += fw_v
             timing.draft_s += fw_a
             critical_s += max(fw_v, fw_a) if self.concurrent_overlap else fw_v + fw_a
         else:
             result = yield ("verify", (items_v,))
             dt = time.perf_counter() - t0
-            self.policy.observe_verify(num_tokens, dt)
+            if self._steady(items_v, self.k + 1):
+                self.policy.observe_verify(num_tokens, dt)
             timing.verify_s += result.forward_s or dt
             critical_s += result.forward_s or dt
         self.stats.num_rounds += 1
@@ -265,6 +271,14 @@ class EngineCore:
         self.last_timing = timing
         self.stats.record(timing)
         return outputs
+
+    @staticmethod
+    def _steady(items: Seq[VerifyItem] | Seq[ProposeItem], limit: int) -> bool:
+        """Whether a call fits the draft-length policy's cost model: every sequence sends at
+        most ``limit`` new tokens (the most a round adds). Prefills, and the catch-up of a
+        drafter that sat out rounds, cost with their length, which the model leaves out: they
+        are one-off, and fitted in they make the round at a given k look dearer than it is."""
+        return all(len(it.delta.token_ids) <= limit for it in items)
 
     def _propose(self, items: Seq[ProposeItem], mode: DraftMode) -> ProposeResult:
         assert self.drafter is not None

@@ -139,3 +139,39 @@ def test_goodput_policy_switches_off_and_probes(tiny_model) -> None:  # type: ig
     probes = sum(n for k, n in by_k.items() if k > 0)
     assert by_k.get(0, 0) > probes > 0 and probes <= sum(by_k.values()) // 3 + 1, by_k
     assert llm.engine.stats.spec.num_drafts > 0
+
+
+def test_cost_model_sees_steady_rounds_only(tiny_model, pattern_draft_length) -> None:  # type: ignore[no-untyped-def]
+    """Prefills and the drafter's catch-up after rounds at k = 0 are not fed to the cost model:
+    their time grows with their length, which the model leaves out."""
+    path, _ = tiny_model("llama")
+    spec = SpeculativeConfig(
+        method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3
+    )
+    llm = LLM(OutriderConfig(target=_target(path), speculative=spec))
+    seen: dict[str, list[int]] = {"verify": [], "draft": []}
+    proposes: list[int] = []
+
+    class Recording(pattern_draft_length):  # type: ignore[misc, valid-type]
+        def observe_verify(self, num_tokens: int, seconds: float) -> None:
+            seen["verify"].append(num_tokens)
+
+        def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None:
+            seen["draft"].append(num_tokens)
+
+    inner = llm.engine._propose
+
+    def counted(items: Any, mode: Any) -> Any:
+        proposes.append(max(len(it.delta.token_ids) for it in items))
+        return inner(items, mode)
+
+    llm.engine._propose = counted  # type: ignore[method-assign]
+    llm.engine.policy = Recording(3, PATTERN)
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == _plain(path)
+    rounds = llm.engine.stats.num_rounds
+    # NOTE: steady rounds verify at most k + 1 tokens per sequence; the prefill (30) is not seen
+    assert seen["verify"] and max(seen["verify"]) <= len(PROMPTS) * 4
+    assert len(seen["verify"]) < rounds
+    steady = [n for n in proposes if n <= 4]
+    assert len(seen["draft"]) == len(steady) < len(proposes), (proposes, seen["draft"])

@@ -72,6 +72,26 @@ def test_online_linear_fit_overrides_a_wrong_prior() -> None:
     assert single.predict((1, 64)) > single.predict((1, 8))
 
 
+def test_a_one_off_stall_is_capped_not_fitted_whole() -> None:
+    """A CUDA-graph capture timed as one verify (a second, against 5 ms steps) moves the fit
+    as one observation of ``OUTLIER_FACTOR`` times its prediction, soon forgotten."""
+    model = OnlineLinear((0.01, 5e-5), [(1, 1), (1, 128)], weight=4.0, decay=0.98)
+    rng = random.Random(2)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            q = rng.randint(1, 5)
+            model.observe((1, q), 0.0046 + 1e-4 * q)
+
+    steps(100)
+    before = model.predict((1, 5))
+    assert 0.004 < before < 0.008
+    model.observe((1, 5), 1.0)
+    assert model.predict((1, 5)) < 1.5 * before  # fitted whole: 7x
+    steps(30)
+    assert model.predict((1, 5)) == pytest.approx(before, rel=0.1)
+
+
 def _policy(
     max_k: int, *, acceptance: float, overlap: bool = False, **priors: float
 ) -> GoodputDraftLength:
