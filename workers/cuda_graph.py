@@ -28,7 +28,7 @@ request) never triggers a capture; ``capture()`` captures chosen lengths ahead o
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -174,6 +174,9 @@ class GraphRunner:
         self._graphs: dict[tuple[int, int, tuple[int, ...]], _Graph] = {}
         self._pool: Any = None
         self._ready_query_lens: set[int] = {1}
+        # NOTE: captured together at a batch size's first capture (verify rounds whose k
+        # changes from round to round, e.g. under the goodput policy, never capture mid-run).
+        self._expected_query_lens: set[int] = set()
         self._last_query_len: int | None = None
 
     # -- which steps fit ---------------------------------------------------------------------
@@ -208,7 +211,7 @@ class GraphRunner:
         size, q = fitted
         aux = tuple(sorted(set(aux_layer_ids)))
         if self.capture_graphs:
-            entry = self._graphs.get((size, q, aux)) or self._capture(size, q, aux)
+            entry = self._graphs.get((size, q, aux)) or self._capture_with_expected(size, q, aux)
             if entry is None:
                 return None
             self._stage(batch, size, q)
@@ -219,6 +222,14 @@ class GraphRunner:
             out, _ = self._forward_static(size, q, aux)
         self.num_replays += 1
         return _head(out, batch.attn_metadata.num_seqs * q)
+
+    def expect_query_lens(self, query_lens: Iterable[int]) -> None:
+        """Query lengths verify rounds will use (1 + k for every k up to the longest): each is
+        ready at once, and a batch size's first capture captures them all."""
+        for q in query_lens:
+            if 1 < q <= self.max_query_len and q not in self._expected_query_lens:
+                self._expected_query_lens.add(q)
+                self._ready_query_lens.add(q)
 
     @torch.inference_mode()
     def capture(self, query_lens: Sequence[int], aux_layer_ids: Sequence[int] = ()) -> int:
@@ -303,6 +314,14 @@ class GraphRunner:
         with forward_context(ctx):
             out = runner.model(s.input_ids[:bq], s.positions[:bq], aux_layer_ids=aux)
         return out, md
+
+    def _capture_with_expected(self, size: int, q: int, aux: tuple[int, ...]) -> _Graph | None:
+        """The graph of (size, q), captured with the other expected query lengths of ``size``
+        that are missing; None when a capture fails."""
+        for other in sorted(self._expected_query_lens - {q}, reverse=True):
+            if (size, other, aux) not in self._graphs and self._capture(size, other, aux) is None:
+                return None
+        return self._capture(size, q, aux)
 
     def _capture(self, size: int, q: int, aux: tuple[int, ...]) -> _Graph | None:
         dev = self.runner.device

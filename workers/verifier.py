@@ -129,9 +129,14 @@ class Verifier:
     def verify(self, items: Sequence[VerifyItem]) -> VerifyResult:
         t0 = time.perf_counter()
         params = [self._register(it) for it in items]
+        pads = self._padding(items)
         deltas = [
-            Delta(it.delta.seq_id, it.delta.start_pos, it.delta.token_ids + it.draft_token_ids)
-            for it in items
+            Delta(
+                it.delta.seq_id,
+                it.delta.start_pos,
+                it.delta.token_ids + it.draft_token_ids + it.delta.token_ids[-1:] * pad,
+            )
+            for it, pad in zip(items, pads, strict=True)
         ]
         batch = self.runner.prepare(deltas)
         out = self.runner.forward(batch, aux_layer_ids=self.aux_layer_ids)
@@ -159,6 +164,27 @@ class Verifier:
             result.hidden_rows = [e - a for a, e in spans]
         result.forward_s = time.perf_counter() - t0
         return result
+
+    def _padding(self, items: Sequence[VerifyItem]) -> list[int]:
+        """Dummy positions per sequence that give a verify round one query length.
+
+        A round whose drafts were cut short for some sequences (a request near its
+        ``max_tokens``) would otherwise have mixed query lengths and run eagerly instead of as a
+        CUDA graph. The dummy tokens (the sequence's last token repeated) sit after its drafts,
+        so causal attention keeps them out of every real row; their logits are never read, and
+        the next delta truncates their K/V. Their positions stay within ``max_model_len`` and
+        the ``k + 1`` positions the scheduler reserves per sequence.
+        """
+        if len(items) < 2 or any(len(it.delta.token_ids) != 1 for it in items):
+            return [0] * len(items)
+        q = max(1 + len(it.draft_token_ids) for it in items)
+        graphs = self.runner.graph_runner
+        if graphs is not None:
+            graphs.expect_query_lens(range(2, q + 1))
+        pads = [q - 1 - len(it.draft_token_ids) for it in items]
+        limit = self.runner.max_model_len
+        ends = [it.delta.end_pos + q - 1 for it in items]  # tokens cached after the round
+        return [0] * len(items) if max(ends) > limit else pads
 
     def _accept(
         self,

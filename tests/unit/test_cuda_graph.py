@@ -180,3 +180,46 @@ def test_verifier_rounds_through_static_buffers(tiny_model) -> None:  # type: ig
             assert runner.graph_runner is not None and runner.graph_runner.num_replays == 3
     assert outs[0][0] == outs[1][0]
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-10, atol=1e-10)
+
+
+def test_ragged_drafts_are_padded_to_one_graph(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """Rounds whose sequences draft different numbers of tokens (k cut near max_tokens, or k
+    changing between rounds) run through the static buffers at one query length and give what
+    each sequence verified alone gives; every query length 2..q is ready from the first such
+    round."""
+    path, _ = tiny_model("llama")
+    drafts_per_round = [[3, 1, 0], [2, 3, 3], [0, 2, 1], [3, 3, 3]]
+    outs = []
+    for static in (False, True):
+        runner = _runner(path, static=static)
+        verifier = Verifier(runner, aux_layer_ids=(1, 2))
+        params = SamplingParams(temperature=0.0, max_tokens=64)
+        prompts = {0: [5, 6, 7, 8, 9], 1: [10, 11, 12], 2: [40, 41, 42, 43]}
+        res = verifier.verify(
+            [VerifyItem(Delta(s, 0, p), params=params) for s, p in prompts.items()]
+        )
+        got = [list(r) for r in res.output_token_ids]
+        pos = {s: len(p) for s, p in prompts.items()}
+        hidden = [res.hidden_states]
+        for ks in drafts_per_round:
+            items = [
+                VerifyItem(Delta(s, pos[s], [got[s][-1]]), [7, 8, 9][: ks[s]]) for s in prompts
+            ]
+            # NOTE: eagerly each sequence alone (nothing to pad), statically the batch (padded)
+            parts = (
+                [verifier.verify([it]) for it in items] if not static else [verifier.verify(items)]
+            )
+            accepted = [n for r in parts for n in r.num_accepted]
+            tokens = [t for r in parts for t in r.output_token_ids]
+            for s in prompts:
+                pos[s] += 1 + accepted[s]
+                got[s] += tokens[s]
+            hidden.append(torch.cat([r.hidden_states for r in parts]))
+        outs.append((got, hidden, [n for r in parts for n in r.hidden_rows]))
+        if static:
+            gr = runner.graph_runner
+            assert gr is not None and gr.num_replays == len(drafts_per_round)
+            assert gr._ready_query_lens >= {1, 2, 3, 4}
+    assert outs[0][0] == outs[1][0] and outs[0][2] == outs[1][2]
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
