@@ -48,6 +48,10 @@ class DraftLengthPolicy(Protocol):
 
     def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None: ...
 
+    def observe_round(self, k: int, overhead_s: float) -> None:
+        """The round's wall time outside both calls' forwards, for a round that drafted k."""
+        ...
+
 
 class FixedDraftLength:
     """Today's behaviour: always num_speculative_tokens."""
@@ -65,6 +69,9 @@ class FixedDraftLength:
         pass
 
     def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None:
+        pass
+
+    def observe_round(self, k: int, overhead_s: float) -> None:
         pass
 
 
@@ -185,6 +192,11 @@ class GoodputDraftLength:
             weight=cfg.prior_weight,
             decay=cfg.decay,
         )
+        # NOTE: per-round time outside the calls (bookkeeping, hidden rows, the round trip's
+        # share the calls do not report): [plain rounds, drafting rounds], EWMA; it grows with
+        # drafting, which the call models alone do not see.
+        self.overhead_s = [0.0, 0.0]
+        self._overhead_seen = [False, False]
         self.num_rounds = 0
         self.last = max_k
         self._probe = 0
@@ -199,7 +211,7 @@ class GoodputDraftLength:
 
     def round_time(self, k: int, num_decode: int, num_other_tokens: int = 0) -> float:
         n = num_other_tokens + num_decode * (1 + k)
-        t_verify = self.verify_cost.predict((1.0, float(n)))
+        t_verify = self.verify_cost.predict((1.0, float(n))) + self.overhead_s[int(k > 0)]
         if k == 0:
             return t_verify
         if not self.overlap:
@@ -248,6 +260,15 @@ class GoodputDraftLength:
     def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None:
         if num_steps > 0 and seconds > 0:
             self.draft_cost.observe((1.0, float(num_steps), float(num_tokens)), seconds)
+
+    def observe_round(self, k: int, overhead_s: float) -> None:
+        i = int(k > 0)
+        if not self._overhead_seen[i]:
+            self.overhead_s[i], self._overhead_seen[i] = overhead_s, True
+            return
+        # NOTE: capped like the call observations, so one stall does not linger.
+        seen = min(overhead_s, OUTLIER_FACTOR * max(self.overhead_s[i], 1e-4))
+        self.overhead_s[i] = self.cfg.decay * self.overhead_s[i] + (1.0 - self.cfg.decay) * seen
 
 
 def build_draft_length_policy(

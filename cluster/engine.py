@@ -268,6 +268,8 @@ class EngineCore:
             yield ("release", (ids,))
         timing.wall_s = time.perf_counter() - t_start
         timing.overhead_s = max(timing.wall_s - critical_s, 0.0)
+        if self._steady(items_v, self.k + 1):
+            self.policy.observe_round(timing.k, timing.overhead_s)
         self.last_timing = timing
         self.stats.record(timing)
         return outputs

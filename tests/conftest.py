@@ -146,6 +146,9 @@ class PatternDraftLength:
     def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None:
         pass
 
+    def observe_round(self, k: int, overhead_s: float) -> None:
+        pass
+
 
 @pytest.fixture(scope="session")
 def pattern_draft_length() -> type[PatternDraftLength]:

@@ -121,6 +121,27 @@ def test_switch_off_point_matches_the_closed_form() -> None:
         assert pol.best(batch) == 0, batch
 
 
+def test_measured_round_overhead_of_drafting_moves_the_switch_off_point() -> None:
+    """Time a drafting round spends outside both calls counts against drafting."""
+    pol = _policy(
+        1,
+        acceptance=0.7,
+        verify_base_s=0.01,
+        verify_per_token_s=1e-4,
+        draft_base_s=0.001,
+        draft_per_step_s=0.002,
+        draft_per_token_s=0.0,
+    )
+    assert pol.best(8) == 1
+    for _ in range(200):
+        pol.observe_round(0, 1e-4)
+        pol.observe_round(1, 0.004)
+    assert pol.overhead_s[1] == pytest.approx(0.004) and pol.best(8) == 0
+    assert pol.best(1) == 1  # one sequence still gains more than the overhead costs
+    pol.observe_round(1, 10.0)  # a stall is capped
+    assert pol.overhead_s[1] < 0.0045
+
+
 def test_k_shrinks_with_load_and_never_predicts_slower_than_plain() -> None:
     pol = _policy(
         6,
