@@ -86,14 +86,15 @@ class LLM:
             else None
         )
         caps = self.drafter.capabilities if self.drafter is not None else None
+        k = (self.spec.num_speculative_tokens or 0) if self.spec is not None else 0
         self.verifier = Verifier(
             self.runner,
             verification=self.spec.verification if self.spec is not None else "probabilistic",
             aux_layer_ids=caps.aux_layer_ids if caps is not None else (),
             synthetic_rates=self.spec.synthetic_rates() if self.spec is not None else None,
+            num_speculative_tokens=k,
         )
         self.max_model_len = self.runner.max_model_len
-        k = (self.spec.num_speculative_tokens or 0) if self.spec is not None else 0
         budgets = [KVBudget(self.runner.num_blocks, self.runner.block_size)]
         if self.drafter is not None:
             budgets.extend(

@@ -91,6 +91,7 @@ class Router:
             verification=spec.verification if spec is not None else "probabilistic",
             aux_layer_ids=aux,
             synthetic_rates=spec.synthetic_rates() if spec is not None else None,
+            num_speculative_tokens=(spec.num_speculative_tokens or 0) if spec is not None else 0,
         )
         self.target_group = await asyncio.to_thread(
             WorkerGroup,

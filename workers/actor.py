@@ -46,6 +46,7 @@ class GroupInit(msgspec.Struct, frozen=True):
     verification: str = "probabilistic"
     aux_layer_ids: tuple[int, ...] = ()
     synthetic_rates: tuple[float, ...] | None = None
+    num_speculative_tokens: int = 0
 
 
 def free_port() -> int:
@@ -111,6 +112,7 @@ class WorkerActor:
                 verification=spec.verification,
                 aux_layer_ids=spec.aux_layer_ids,
                 synthetic_rates=spec.synthetic_rates,
+                num_speculative_tokens=spec.num_speculative_tokens,
             )
         else:
             assert spec.speculative is not None

@@ -81,7 +81,10 @@ class Verifier:
         verification: Verification = "probabilistic",
         aux_layer_ids: Sequence[int] = (),
         synthetic_rates: Sequence[float] | None = None,
+        num_speculative_tokens: int = 0,
     ) -> None:
+        """``num_speculative_tokens``: the most drafts a round verifies; the CUDA graphs of every
+        verify length up to it are captured together (0: learnt from the rounds)."""
         self.runner = runner
         self.verification = verification
         self.synthetic_cond: list[float] | None = None
@@ -99,6 +102,8 @@ class Verifier:
         self._params: dict[int, SamplingParams] = {}
         self._generators: dict[int, torch.Generator] = {}
         self._synthetic_gens: dict[int, torch.Generator] = {}
+        if runner.graph_runner is not None and num_speculative_tokens > 0:
+            runner.graph_runner.expect_query_lens(range(2, num_speculative_tokens + 2))
 
     # -- state per sequence -----------------------------------------------------------------
     def _register(self, item: VerifyItem) -> SamplingParams:

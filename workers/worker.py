@@ -59,6 +59,7 @@ class TargetWorker:
         verification: str = "probabilistic",
         aux_layer_ids: Sequence[int] = (),
         synthetic_rates: Sequence[float] | None = None,
+        num_speculative_tokens: int = 0,
     ) -> None:
         pp = get_pp_group()
         start, end = stage_layers(num_layers, pp.size, pp.rank)
@@ -69,6 +70,7 @@ class TargetWorker:
             verification=verification,
             aux_layer_ids=aux_layer_ids,  # type: ignore[arg-type]
             synthetic_rates=synthetic_rates,
+            num_speculative_tokens=num_speculative_tokens,
         )
 
     def verify(self, req: VerifyRequest) -> VerifyResponse:

@@ -223,3 +223,14 @@ def test_ragged_drafts_are_padded_to_one_graph(tiny_model) -> None:  # type: ign
     assert outs[0][0] == outs[1][0] and outs[0][2] == outs[1][2]
     for a, b in zip(outs[0][1], outs[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_verifier_readies_every_verify_length_up_front(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """With k configured, the query lengths 2..k+1 are expected before any round: a batch
+    size's first capture takes them all (none is captured mid-run when k changes)."""
+    path, _ = tiny_model("llama")
+    runner = _runner(path, static=True)
+    Verifier(runner, num_speculative_tokens=3)
+    gr = runner.graph_runner
+    assert gr is not None and gr._expected_query_lens == {2, 3, 4}
+    assert gr._ready_query_lens == {1, 2, 3, 4}
