@@ -193,11 +193,12 @@ class EngineCore:
             t0 = time.perf_counter()
             res: ProposeResult = yield ("propose", (items, self.mode))
             dt = time.perf_counter() - t0
-            if self._steady(items, self.k + 1):
+            if self._steady(items, self.k + 1) and not res.captured_graphs:
                 self.policy.observe_draft(
                     max(ks[i] for i in cold), sum(ks[i] for i in cold), dt
                 )
             timing.draft_s += res.forward_s or dt
+            timing.captured_graphs |= res.captured_graphs
             critical_s += res.forward_s or dt
             for seq in (seqs[i] for i in cold):
                 seq.draft_len = len(seq.token_ids)
@@ -231,9 +232,9 @@ class EngineCore:
             # NOTE: the cost model takes call times; each call here is credited its forward
             # time plus the part of the wall time neither forward explains (the round trip).
             trip = max(dt - (max(fw_v, fw_a) if self.concurrent_overlap else fw_v + fw_a), 0.0)
-            if self._steady(items_v, self.k + 1):
+            if self._steady(items_v, self.k + 1) and not result.captured_graphs:
                 self.policy.observe_verify(num_tokens, fw_v + trip)
-            if self._steady(ahead_items, 2 * self.k + 2):
+            if self._steady(ahead_items, 2 * self.k + 2) and not ahead.captured_graphs:
                 self.policy.observe_draft(
                     max(it.num_draft for it in ahead_items),
                     sum(it.num_draft for it in ahead_items),
@@ -241,13 +242,15 @@ class EngineCore:
                 )
             timing.verify_s += fw_v
             timing.draft_s += fw_a
+            timing.captured_graphs |= result.captured_graphs or ahead.captured_graphs
             critical_s += max(fw_v, fw_a) if self.concurrent_overlap else fw_v + fw_a
         else:
             result = yield ("verify", (items_v,))
             dt = time.perf_counter() - t0
-            if self._steady(items_v, self.k + 1):
+            if self._steady(items_v, self.k + 1) and not result.captured_graphs:
                 self.policy.observe_verify(num_tokens, dt)
             timing.verify_s += result.forward_s or dt
+            timing.captured_graphs |= result.captured_graphs
             critical_s += result.forward_s or dt
         self.stats.num_rounds += 1
         lens = [len(s.token_ids) for s in seqs]
@@ -268,7 +271,7 @@ class EngineCore:
             yield ("release", (ids,))
         timing.wall_s = time.perf_counter() - t_start
         timing.overhead_s = max(timing.wall_s - critical_s, 0.0)
-        if self._steady(items_v, self.k + 1):
+        if self._steady(items_v, self.k + 1) and not timing.captured_graphs:
             self.policy.observe_round(timing.k, timing.overhead_s)
         self.last_timing = timing
         self.stats.record(timing)
@@ -285,9 +288,12 @@ class EngineCore:
     def _propose(self, items: Seq[ProposeItem], mode: DraftMode) -> ProposeResult:
         assert self.drafter is not None
         t0 = time.perf_counter()
+        num_graphs = getattr(self.drafter, "num_graphs", 0)
         res = self.drafter.propose(items, mode)
         if not res.forward_s:
             res.forward_s = time.perf_counter() - t0
+        if getattr(self.drafter, "num_graphs", 0) != num_graphs:
+            res.captured_graphs = True
         return res
 
     def _call(self, call: Call) -> Any:

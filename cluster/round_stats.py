@@ -21,6 +21,7 @@ class RoundTiming:
     overhead_s: float = 0.0
     overlap_hits: int = 0
     overlap_misses: int = 0
+    captured_graphs: bool = False  # a call captured CUDA graphs (one-off time in this round)
 
 
 RECENT_ROUNDS = 8192

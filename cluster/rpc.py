@@ -167,7 +167,12 @@ class WorkerClient:
         resp: VerifyResponse = await self._call("Verify", req)
         hidden = from_wire(resp.hidden_states) if resp.hidden_states is not None else None
         return VerifyResult(
-            resp.output_token_ids, resp.num_accepted, hidden, resp.hidden_rows, resp.forward_s
+            resp.output_token_ids,
+            resp.num_accepted,
+            hidden,
+            resp.hidden_rows,
+            resp.forward_s,
+            resp.captured_graphs,
         )
 
     # -- the drafter -----------------------------------------------------------------------------
@@ -200,4 +205,6 @@ class WorkerClient:
                     n = len(resp.draft_token_ids[i])
                     out_probs[i] = flat[row : row + n]
                     row += n
-        return ProposeResult(resp.draft_token_ids, out_probs, resp.forward_s)
+        return ProposeResult(
+            resp.draft_token_ids, out_probs, resp.forward_s, resp.captured_graphs
+        )

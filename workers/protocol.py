@@ -73,6 +73,7 @@ class VerifyResponse(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     hidden_states: WireTensor | None = None  # [R, A*H]
     hidden_rows: list[int] = []
     forward_s: float = 0.0  # seconds the group spent in the call (0 from older workers)
+    captured_graphs: bool = False  # the call captured CUDA graphs: one-off time in forward_s
 
 
 class ProposeEntry(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
@@ -95,6 +96,7 @@ class ProposeResponse(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fa
     has_draft_probs: list[bool] = []
     draft_probs: WireTensor | None = None  # [sum k_b of entries with probs, V]
     forward_s: float = 0.0  # seconds the group spent in the call (0 from older workers)
+    captured_graphs: bool = False  # the call captured CUDA graphs: one-off time in forward_s
 
 
 class ReleaseRequest(msgspec.Struct, array_like=True, gc=False, frozen=True):

@@ -71,6 +71,7 @@ class VerifyResult:
     hidden_states: torch.Tensor | None = None
     hidden_rows: list[int] = field(default_factory=list)
     forward_s: float = 0.0  # seconds this worker spent in the call (forward and acceptance)
+    captured_graphs: bool = False  # the call captured CUDA graphs (one-off time in forward_s)
 
 
 class Verifier:
@@ -133,6 +134,8 @@ class Verifier:
     @torch.inference_mode()
     def verify(self, items: Sequence[VerifyItem]) -> VerifyResult:
         t0 = time.perf_counter()
+        graphs = self.runner.graph_runner
+        num_graphs = 0 if graphs is None else graphs.num_graphs
         params = [self._register(it) for it in items]
         pads = self._padding(items)
         deltas = [
@@ -168,6 +171,7 @@ class Verifier:
             result.hidden_states = parts[0] if len(parts) == 1 else torch.cat(parts)  # [R, A*H]
             result.hidden_rows = [e - a for a, e in spans]
         result.forward_s = time.perf_counter() - t0
+        result.captured_graphs = graphs is not None and graphs.num_graphs != num_graphs
         return result
 
     def _padding(self, items: Sequence[VerifyItem]) -> list[int]:

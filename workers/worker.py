@@ -90,7 +90,12 @@ class TargetWorker:
         res = self.verifier.verify(items)
         hidden = to_wire(res.hidden_states) if res.hidden_states is not None else None
         return VerifyResponse(
-            res.output_token_ids, res.num_accepted, hidden, res.hidden_rows, res.forward_s
+            res.output_token_ids,
+            res.num_accepted,
+            hidden,
+            res.hidden_rows,
+            res.forward_s,
+            res.captured_graphs,
         )
 
     def release(self, seq_ids: list[int]) -> int:
@@ -157,12 +162,14 @@ class DrafterWorker:
                 ProposeItem(Delta(e.seq_id, e.start_pos, e.token_ids), e.num_draft, h, e.params)
             )
         t0 = time.perf_counter()
+        num_graphs = self.proposer.num_graphs
         res = self.proposer.propose(items, "parallel" if req.mode == "parallel" else "sequential")
         forward_s = time.perf_counter() - t0
+        captured = self.proposer.num_graphs != num_graphs
         has = [p is not None for p in res.draft_probs] if res.draft_probs else []
         probs = [p for p in res.draft_probs if p is not None] if res.draft_probs else []
         wire = to_wire(torch.cat(probs)) if probs else None
-        return ProposeResponse(res.draft_token_ids, has, wire, forward_s)
+        return ProposeResponse(res.draft_token_ids, has, wire, forward_s, captured)
 
     def release(self, seq_ids: list[int]) -> int:
         self.proposer.release(seq_ids)

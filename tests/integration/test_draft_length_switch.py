@@ -175,3 +175,34 @@ def test_cost_model_sees_steady_rounds_only(tiny_model, pattern_draft_length) ->
     assert len(seen["verify"]) < rounds
     steady = [n for n in proposes if n <= 4]
     assert len(seen["draft"]) == len(steady) < len(proposes), (proposes, seen["draft"])
+
+
+def test_calls_that_captured_graphs_are_not_fed_to_the_cost_model(tiny_model, pattern_draft_length) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+    """A call that captured CUDA graphs reports it; its time (mostly the capture) is left out."""
+    path, _ = tiny_model("llama")
+    spec = SpeculativeConfig(
+        method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3
+    )
+    llm = LLM(OutriderConfig(target=_target(path), speculative=spec))
+    seen: list[int] = []
+    marked: list[int] = []
+
+    class Recording(pattern_draft_length):  # type: ignore[misc, valid-type]
+        def observe_verify(self, num_tokens: int, seconds: float) -> None:
+            seen.append(num_tokens)
+
+    verify = llm.verifier.verify
+
+    def capturing(items: Any) -> Any:
+        res = verify(items)
+        # NOTE: as if every third steady round had captured a graph
+        if all(len(it.delta.token_ids) == 1 for it in items) and len(seen) % 3 == 0:
+            res.captured_graphs = True
+            marked.append(1)
+        return res
+
+    llm.engine.target.verify = capturing  # type: ignore[method-assign]
+    llm.engine.policy = Recording(3, [3, 0, 2])
+    llm.generate(PROMPTS, GREEDY)
+    steady = llm.engine.stats.num_rounds - 1  # every round but the prefill
+    assert marked and len(seen) == steady - len(marked)

@@ -36,6 +36,7 @@ class ProposeResult:
     # [k_b, V] per sequence when it drafts by sampling (probabilistic verification); else None
     draft_probs: list[torch.Tensor | None] = field(default_factory=list)
     forward_s: float = 0.0  # seconds the drafter spent in the call; set by whoever timed it
+    captured_graphs: bool = False  # the call captured CUDA graphs (one-off time); set likewise
 
 
 class Proposer(abc.ABC):
@@ -53,3 +54,8 @@ class Proposer(abc.ABC):
 
     def kv_usage(self) -> dict[str, int]:
         return {}
+
+    @property
+    def num_graphs(self) -> int:
+        """CUDA graphs captured so far (a call that adds some spent one-off time)."""
+        return 0

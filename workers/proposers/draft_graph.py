@@ -82,6 +82,10 @@ class DraftStepGraphs:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool: object = None
 
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
     def fits(self, num_seqs: int, steps: int) -> int | None:
         """The padded batch size when ``num_seqs`` sequences x ``steps`` steps replay a graph."""
         if self.disabled_reason is not None or not 1 <= steps <= self.max_steps:

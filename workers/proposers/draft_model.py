@@ -77,6 +77,11 @@ class DraftModelProposer(Proposer):
     def kv_usage(self) -> dict[str, int]:
         return self.runner.kv_usage()
 
+    @property
+    def num_graphs(self) -> int:
+        graphs = self.runner.graph_runner
+        return 0 if graphs is None else graphs.num_graphs
+
     def release(self, seq_ids: Sequence[int]) -> None:
         for s in seq_ids:
             self.sampler.release(s)

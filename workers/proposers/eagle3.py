@@ -142,6 +142,10 @@ class Eagle3Proposer(Proposer):
     def kv_usage(self) -> dict[str, int]:
         return self.runner.kv_usage()
 
+    @property
+    def num_graphs(self) -> int:
+        return 0 if self.step_graphs is None else self.step_graphs.num_graphs
+
     def release(self, seq_ids: Sequence[int]) -> None:
         for s in seq_ids:
             self.sampler.release(s)
