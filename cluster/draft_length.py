@@ -7,10 +7,14 @@
   weighted count ratio pulled toward ``acceptance_prior``; the expected tokens of a sequence
   are 1 + sum_{i <= k} prod_{j <= i} c_j;
 - a cost model of the round fitted online from call times: the target's call as
-  ``a + b * N`` for N query tokens in the batch, the drafter's call as
-  ``d0 + d1 * k + d2 * sum_k`` (k = sequential steps, sum_k = tokens drafted over the batch);
-  both are exponentially weighted least squares with the configured prior entered as
-  pseudo-observations, so the prior rules until measurements disagree with it.
+  ``a + b * N`` for N query tokens in the batch (rounds without prefills), the drafter's call
+  as ``d0 + d1 * k + d2 * sum_k + d3 * C`` (k = sequential steps, sum_k = tokens drafted over
+  the batch, C = confirmed tokens the call ingests: what the last round confirmed in steady
+  drafting, many more in the catch-up after rounds at k = 0); both are exponentially weighted
+  least squares with the configured prior entered as pseudo-observations, so the prior rules
+  until measurements disagree with it, and each observation is capped at a few times its
+  prediction (one-off stalls); calls that captured CUDA graphs are not observed at all;
+- the time a round spends outside both calls, apart for plain and drafting rounds.
 
 It returns the k with the highest predicted tokens per second; k = 0 is plain decoding (the
 drafter is not called), so a batch is never predicted slower than without speculation. Every
@@ -46,7 +50,12 @@ class DraftLengthPolicy(Protocol):
 
     def observe_verify(self, num_tokens: int, seconds: float) -> None: ...
 
-    def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None: ...
+    def observe_draft(
+        self, num_steps: int, num_tokens: int, seconds: float, context_tokens: int = 0
+    ) -> None:
+        """A drafter call: k sequential steps, tokens drafted over the batch, and the confirmed
+        tokens it ingested over the batch (a catch-up after rounds at k = 0 ingests many)."""
+        ...
 
     def observe_round(self, k: int, overhead_s: float) -> None:
         """The round's wall time outside both calls' forwards, for a round that drafted k."""
@@ -68,20 +77,24 @@ class FixedDraftLength:
     def observe_verify(self, num_tokens: int, seconds: float) -> None:
         pass
 
-    def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None:
+    def observe_draft(
+        self, num_steps: int, num_tokens: int, seconds: float, context_tokens: int = 0
+    ) -> None:
         pass
 
     def observe_round(self, k: int, overhead_s: float) -> None:
         pass
 
 
-# An observation is taken as at most this many times the model's prediction for it.
+# An observation above this many times the model's prediction is an outlier: left out, unless
+# OUTLIER_RUN of them come in a row (then the costs changed, and they are fitted).
 OUTLIER_FACTOR = 4.0
+OUTLIER_RUN = 8
 
 
 class OnlineLinear:
-    """Exponentially weighted least squares y ~ x . theta, shrunk toward a prior theta, with
-    each observation capped at ``OUTLIER_FACTOR`` times the current prediction.
+    """Exponentially weighted least squares y ~ x . theta, shrunk toward a prior theta, that
+    leaves out isolated observations far above its prediction (``OUTLIER_FACTOR``).
 
     The prior enters as a ridge penalty ``weight * sum_j s_j^2 (theta_j - prior_j)^2`` with
     s_j the root mean square of feature j over the (weighted) observations, or over
@@ -106,12 +119,19 @@ class OnlineLinear:
         self._xtx = np.zeros((n, n))
         self._xty = np.zeros(n)
         self.num_observed = 0
+        self.num_outliers = 0  # in a row
         self.theta = self.prior.copy()
 
     def observe(self, x: Sequence[float], y: float) -> None:
-        # NOTE: a one-off stall (a CUDA-graph capture, a kernel compiled on first use) can take
-        # hundreds of times a step; fitted whole, it would outweigh many real steps for long.
-        y = min(y, OUTLIER_FACTOR * self.predict(x))
+        # NOTE: a one-off stall (a kernel compiled on first use) can take hundreds of times a
+        # step; fitted, or even capped, a few in a row would outweigh many real steps for long,
+        # and a policy that then stops drafting measures the drafter too rarely to forget them.
+        if y > OUTLIER_FACTOR * self.predict(x):
+            self.num_outliers += 1
+            if self.num_outliers < OUTLIER_RUN:
+                return
+        else:
+            self.num_outliers = 0
         v = np.asarray(x, dtype=np.float64)
         self._xtx = self.decay * self._xtx + np.outer(v, v)
         self._xty = self.decay * self._xty + v * y
@@ -187,8 +207,18 @@ class GoodputDraftLength:
         )
         kmax = float(max(max_k, 2))
         self.draft_cost = OnlineLinear(
-            (cfg.draft_base_s, cfg.draft_per_step_s, cfg.draft_per_token_s),
-            [(1.0, 1.0, 1.0), (1.0, kmax, kmax), (1.0, kmax, 32.0 * kmax)],
+            (
+                cfg.draft_base_s,
+                cfg.draft_per_step_s,
+                cfg.draft_per_token_s,
+                cfg.draft_per_context_token_s,
+            ),
+            [
+                (1.0, 1.0, 1.0, 1.0),
+                (1.0, kmax, kmax, kmax),
+                (1.0, kmax, 32.0 * kmax, 32.0 * kmax),
+                (1.0, kmax, kmax, 128.0),
+            ],
             weight=cfg.prior_weight,
             decay=cfg.decay,
         )
@@ -203,7 +233,9 @@ class GoodputDraftLength:
 
     # -- the model ------------------------------------------------------------------------------
     def _draft_time(self, num_decode: int, k: int) -> float:
-        return self.draft_cost.predict((1.0, float(k), float(num_decode * k)))
+        # NOTE: in steady drafting each sequence ingests what the last round confirmed.
+        context = num_decode * self.expected_tokens(k)
+        return self.draft_cost.predict((1.0, float(k), float(num_decode * k), context))
 
     def expected_tokens(self, k: int) -> float:
         """Expected tokens one sequence gets from a round that drafts k."""
@@ -222,6 +254,7 @@ class GoodputDraftLength:
         t_ahead = self._draft_time(num_decode, k + 1)
         th = self.draft_cost.theta
         d0, d1, d2 = float(th[0]), max(float(th[1]), 0.0), max(float(th[2]), 0.0)
+        d0 += max(float(th[3]), 0.0) * num_decode * self.expected_tokens(k)
         miss_any = 1.0 - hit**num_decode
         t_cold = max(miss_any * (d0 + d1 * k) + d2 * k * num_decode * (1.0 - hit), 0.0)
         both = max(t_verify, t_ahead) if self.concurrent else t_verify + t_ahead
@@ -257,9 +290,12 @@ class GoodputDraftLength:
         if num_tokens > 0 and seconds > 0:
             self.verify_cost.observe((1.0, float(num_tokens)), seconds)
 
-    def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None:
+    def observe_draft(
+        self, num_steps: int, num_tokens: int, seconds: float, context_tokens: int = 0
+    ) -> None:
         if num_steps > 0 and seconds > 0:
-            self.draft_cost.observe((1.0, float(num_steps), float(num_tokens)), seconds)
+            x = (1.0, float(num_steps), float(num_tokens), float(context_tokens))
+            self.draft_cost.observe(x, seconds)
 
     def observe_round(self, k: int, overhead_s: float) -> None:
         i = int(k > 0)

@@ -193,9 +193,9 @@ class EngineCore:
             t0 = time.perf_counter()
             res: ProposeResult = yield ("propose", (items, self.mode))
             dt = time.perf_counter() - t0
-            if self._steady(items, self.k + 1) and not res.captured_graphs:
+            if not res.captured_graphs:
                 self.policy.observe_draft(
-                    max(ks[i] for i in cold), sum(ks[i] for i in cold), dt
+                    max(ks[i] for i in cold), sum(ks[i] for i in cold), dt, self._ingested(items)
                 )
             timing.draft_s += res.forward_s or dt
             timing.captured_graphs |= res.captured_graphs
@@ -234,11 +234,12 @@ class EngineCore:
             trip = max(dt - (max(fw_v, fw_a) if self.concurrent_overlap else fw_v + fw_a), 0.0)
             if self._steady(items_v, self.k + 1) and not result.captured_graphs:
                 self.policy.observe_verify(num_tokens, fw_v + trip)
-            if self._steady(ahead_items, 2 * self.k + 2) and not ahead.captured_graphs:
+            if not ahead.captured_graphs:
                 self.policy.observe_draft(
                     max(it.num_draft for it in ahead_items),
                     sum(it.num_draft for it in ahead_items),
                     fw_a + trip,
+                    self._ingested(ahead_items),
                 )
             timing.verify_s += fw_v
             timing.draft_s += fw_a
@@ -278,12 +279,16 @@ class EngineCore:
         return outputs
 
     @staticmethod
-    def _steady(items: Seq[VerifyItem] | Seq[ProposeItem], limit: int) -> bool:
-        """Whether a call fits the draft-length policy's cost model: every sequence sends at
-        most ``limit`` new tokens (the most a round adds). Prefills, and the catch-up of a
-        drafter that sat out rounds, cost with their length, which the model leaves out: they
-        are one-off, and fitted in they make the round at a given k look dearer than it is."""
+    def _steady(items: Seq[VerifyItem], limit: int) -> bool:
+        """Whether a verify fits the draft-length policy's cost model: every sequence sends at
+        most ``limit`` new tokens (the most a round adds). A prefill costs with its length,
+        which the model leaves out: fitted in, it makes every round look dearer than it is."""
         return all(len(it.delta.token_ids) <= limit for it in items)
+
+    @staticmethod
+    def _ingested(items: Seq[ProposeItem]) -> int:
+        """Confirmed tokens a drafter call ingests over the batch (its context length)."""
+        return sum(len(it.delta.token_ids) for it in items)
 
     def _propose(self, items: Seq[ProposeItem], mode: DraftMode) -> ProposeResult:
         assert self.drafter is not None

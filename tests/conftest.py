@@ -143,7 +143,9 @@ class PatternDraftLength:
     def observe_verify(self, num_tokens: int, seconds: float) -> None:
         pass
 
-    def observe_draft(self, num_steps: int, num_tokens: int, seconds: float) -> None:
+    def observe_draft(
+        self, num_steps: int, num_tokens: int, seconds: float, context_tokens: int = 0
+    ) -> None:
         pass
 
     def observe_round(self, k: int, overhead_s: float) -> None:

@@ -36,10 +36,12 @@ class GoodputConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     # Target call: verify_base_s + verify_per_token_s * (query tokens in the batch).
     verify_base_s: float = 0.01
     verify_per_token_s: float = 5e-5
-    # Drafter call: draft_base_s + draft_per_step_s * k + draft_per_token_s * (k * batch).
+    # Drafter call: draft_base_s + draft_per_step_s * k + draft_per_token_s * (k * batch)
+    # + draft_per_context_token_s * (confirmed tokens the call ingests over the batch).
     draft_base_s: float = 0.001
     draft_per_step_s: float = 0.001
     draft_per_token_s: float = 1e-5
+    draft_per_context_token_s: float = 2e-5
     # Conditional acceptance per draft position before any is measured.
     acceptance_prior: float = 0.6
     # How many observations the priors are worth, and the forgetting factor per observation.
@@ -55,6 +57,7 @@ class GoodputConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
             "draft_base_s",
             "draft_per_step_s",
             "draft_per_token_s",
+            "draft_per_context_token_s",
         ):
             value = getattr(self, name)
             if not value >= 0.0:
