@@ -158,7 +158,10 @@ class Verifier:
         hidden = out.hidden_states
         assert hidden is not None, "verify runs on the last pipeline stage"
         logits = self.runner.compute_logits(select_rows(hidden, rows))  # [sum(k_b + 1), V]
-        outputs, accepted = self._accept(items, params, num_draft, logits)
+        if all(p.greedy for p in params):
+            outputs, accepted = self._accept_greedy(items, num_draft, logits)
+        else:
+            outputs, accepted = self._accept_tensors(items, params, num_draft, logits)
         result = VerifyResult(outputs, accepted)
         if self.aux_layer_ids:
             aux = torch.cat([out.aux_hidden_states[i] for i in self.aux_layer_ids], dim=-1)
@@ -194,17 +197,6 @@ class Verifier:
         limit = self.runner.max_model_len
         ends = [it.delta.end_pos + q - 1 for it in items]  # tokens cached after the round
         return [0] * len(items) if max(ends) > limit else pads
-
-    def _accept(
-        self,
-        items: Sequence[VerifyItem],
-        params: Sequence[SamplingParams],
-        num_draft: Sequence[int],
-        logits: torch.Tensor,  # [sum(k_b + 1), V]
-    ) -> tuple[list[list[int]], list[int]]:
-        if all(p.greedy for p in params):
-            return self._accept_greedy(items, num_draft, logits)
-        return self._accept_tensors(items, params, num_draft, logits)
 
     def _accept_tensors(
         self,
