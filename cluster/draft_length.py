@@ -302,7 +302,7 @@ class GoodputDraftLength:
         if not self._overhead_seen[i]:
             self.overhead_s[i], self._overhead_seen[i] = overhead_s, True
             return
-        # NOTE: capped like the call observations, so one stall does not linger.
+        # NOTE: capped at a few times the estimate, so one stall does not linger.
         seen = min(overhead_s, OUTLIER_FACTOR * max(self.overhead_s[i], 1e-4))
         self.overhead_s[i] = self.cfg.decay * self.overhead_s[i] + (1.0 - self.cfg.decay) * seen
 

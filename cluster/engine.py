@@ -28,7 +28,9 @@ from outrider.workers.proposers.base import (
     DrafterCapabilities,
     DraftMode,
     ProposeItem,
+    Proposer,
     ProposeResult,
+    timed_propose,
 )
 from outrider.workers.protocol import Delta
 from outrider.workers.verifier import VerifyItem, VerifyResult
@@ -217,6 +219,9 @@ class EngineCore:
             for i, s in enumerate(seqs)
         ]
         num_tokens = sum(len(it.delta.token_ids) + len(it.draft_token_ids) for it in items_v)
+        # NOTE: only rounds without a prefill fit the policy's cost model (a prefill costs with
+        # its length, which the model leaves out: fitted in, every round looks dearer).
+        steady = all(len(it.delta.token_ids) <= self.k + 1 for it in items_v)
         ahead_idx, ahead_items = (
             ahead_items_for(seqs, drafts, k, self.max_model_len)
             if self.overlap and self.drafter is not None
@@ -232,7 +237,7 @@ class EngineCore:
             # NOTE: the cost model takes call times; each call here is credited its forward
             # time plus the part of the wall time neither forward explains (the round trip).
             trip = max(dt - (max(fw_v, fw_a) if self.concurrent_overlap else fw_v + fw_a), 0.0)
-            if self._steady(items_v, self.k + 1) and not result.captured_graphs:
+            if steady and not result.captured_graphs:
                 self.policy.observe_verify(num_tokens, fw_v + trip)
             if not ahead.captured_graphs:
                 self.policy.observe_draft(
@@ -248,7 +253,7 @@ class EngineCore:
         else:
             result = yield ("verify", (items_v,))
             dt = time.perf_counter() - t0
-            if self._steady(items_v, self.k + 1) and not result.captured_graphs:
+            if steady and not result.captured_graphs:
                 self.policy.observe_verify(num_tokens, dt)
             timing.verify_s += result.forward_s or dt
             timing.captured_graphs |= result.captured_graphs
@@ -272,18 +277,11 @@ class EngineCore:
             yield ("release", (ids,))
         timing.wall_s = time.perf_counter() - t_start
         timing.overhead_s = max(timing.wall_s - critical_s, 0.0)
-        if self._steady(items_v, self.k + 1) and not timing.captured_graphs:
+        if steady and not timing.captured_graphs:
             self.policy.observe_round(timing.k, timing.overhead_s)
         self.last_timing = timing
         self.stats.record(timing)
         return outputs
-
-    @staticmethod
-    def _steady(items: Seq[VerifyItem], limit: int) -> bool:
-        """Whether a verify fits the draft-length policy's cost model: every sequence sends at
-        most ``limit`` new tokens (the most a round adds). A prefill costs with its length,
-        which the model leaves out: fitted in, it makes every round look dearer than it is."""
-        return all(len(it.delta.token_ids) <= limit for it in items)
 
     @staticmethod
     def _ingested(items: Seq[ProposeItem]) -> int:
@@ -291,15 +289,8 @@ class EngineCore:
         return sum(len(it.delta.token_ids) for it in items)
 
     def _propose(self, items: Seq[ProposeItem], mode: DraftMode) -> ProposeResult:
-        assert self.drafter is not None
-        t0 = time.perf_counter()
-        num_graphs = getattr(self.drafter, "num_graphs", 0)
-        res = self.drafter.propose(items, mode)
-        if not res.forward_s:
-            res.forward_s = time.perf_counter() - t0
-        if getattr(self.drafter, "num_graphs", 0) != num_graphs:
-            res.captured_graphs = True
-        return res
+        assert isinstance(self.drafter, Proposer), "in-process rounds call a Proposer"
+        return timed_propose(self.drafter, items, mode)
 
     def _call(self, call: Call) -> Any:
         """In-process driver: the two calls of "overlap" run one after the other."""

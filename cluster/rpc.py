@@ -205,6 +205,4 @@ class WorkerClient:
                     n = len(resp.draft_token_ids[i])
                     out_probs[i] = flat[row : row + n]
                     row += n
-        return ProposeResult(
-            resp.draft_token_ids, out_probs, resp.forward_s, resp.captured_graphs
-        )
+        return ProposeResult(resp.draft_token_ids, out_probs, resp.forward_s, resp.captured_graphs)

@@ -190,13 +190,10 @@ class Verifier:
         if len(items) < 2 or any(len(it.delta.token_ids) != 1 for it in items):
             return [0] * len(items)
         q = max(1 + len(it.draft_token_ids) for it in items)
-        graphs = self.runner.graph_runner
-        if graphs is not None:
-            graphs.expect_query_lens(range(2, q + 1))
-        pads = [q - 1 - len(it.draft_token_ids) for it in items]
-        limit = self.runner.max_model_len
         ends = [it.delta.end_pos + q - 1 for it in items]  # tokens cached after the round
-        return [0] * len(items) if max(ends) > limit else pads
+        if max(ends) > self.runner.max_model_len:
+            return [0] * len(items)
+        return [q - 1 - len(it.draft_token_ids) for it in items]
 
     def _accept_tensors(
         self,

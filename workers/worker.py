@@ -7,7 +7,6 @@ inside the forward keep them together, and the group leader's result is the one 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import msgspec
@@ -15,7 +14,7 @@ import torch
 
 from outrider.workers.config import WorkerConfig
 from outrider.workers.distributed import get_pp_group
-from outrider.workers.proposers.base import ProposeItem, Proposer
+from outrider.workers.proposers.base import ProposeItem, Proposer, timed_propose
 from outrider.workers.proposers.factory import build_drafter
 from outrider.workers.protocol import (
     METHODS,
@@ -161,15 +160,12 @@ class DrafterWorker:
             items.append(
                 ProposeItem(Delta(e.seq_id, e.start_pos, e.token_ids), e.num_draft, h, e.params)
             )
-        t0 = time.perf_counter()
-        num_graphs = self.proposer.num_graphs
-        res = self.proposer.propose(items, "parallel" if req.mode == "parallel" else "sequential")
-        forward_s = time.perf_counter() - t0
-        captured = self.proposer.num_graphs != num_graphs
+        mode = "parallel" if req.mode == "parallel" else "sequential"
+        res = timed_propose(self.proposer, items, mode)
         has = [p is not None for p in res.draft_probs] if res.draft_probs else []
         probs = [p for p in res.draft_probs if p is not None] if res.draft_probs else []
         wire = to_wire(torch.cat(probs)) if probs else None
-        return ProposeResponse(res.draft_token_ids, has, wire, forward_s, captured)
+        return ProposeResponse(res.draft_token_ids, has, wire, res.forward_s, res.captured_graphs)
 
     def release(self, seq_ids: list[int]) -> int:
         self.proposer.release(seq_ids)

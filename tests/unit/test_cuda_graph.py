@@ -185,14 +185,14 @@ def test_verifier_rounds_through_static_buffers(tiny_model) -> None:  # type: ig
 def test_ragged_drafts_are_padded_to_one_graph(tiny_model) -> None:  # type: ignore[no-untyped-def]
     """Rounds whose sequences draft different numbers of tokens (k cut near max_tokens, or k
     changing between rounds) run through the static buffers at one query length and give what
-    each sequence verified alone gives; every query length 2..q is ready from the first such
-    round."""
+    each sequence verified alone gives; with k configured, every query length 2..k+1 is ready
+    from the first such round."""
     path, _ = tiny_model("llama")
     drafts_per_round = [[3, 1, 0], [2, 3, 3], [0, 2, 1], [3, 3, 3]]
     outs = []
     for static in (False, True):
         runner = _runner(path, static=static)
-        verifier = Verifier(runner, aux_layer_ids=(1, 2))
+        verifier = Verifier(runner, aux_layer_ids=(1, 2), num_speculative_tokens=3)
         params = SamplingParams(temperature=0.0, max_tokens=64)
         prompts = {0: [5, 6, 7, 8, 9], 1: [10, 11, 12], 2: [40, 41, 42, 43]}
         res = verifier.verify(

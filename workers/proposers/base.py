@@ -9,6 +9,7 @@ proposer that can do the former can also do the latter with the same weights.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -59,3 +60,16 @@ class Proposer(abc.ABC):
     def num_graphs(self) -> int:
         """CUDA graphs captured so far (a call that adds some spent one-off time)."""
         return 0
+
+
+def timed_propose(
+    proposer: Proposer, items: Sequence[ProposeItem], mode: DraftMode
+) -> ProposeResult:
+    """``proposer.propose`` with the call's seconds in ``forward_s`` and whether it captured CUDA
+    graphs in ``captured_graphs`` (what the round's timing and the draft-length policy read)."""
+    t0 = time.perf_counter()
+    num_graphs = proposer.num_graphs
+    res = proposer.propose(items, mode)
+    res.forward_s = res.forward_s or time.perf_counter() - t0
+    res.captured_graphs = res.captured_graphs or proposer.num_graphs != num_graphs
+    return res
