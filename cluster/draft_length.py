@@ -32,8 +32,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
-
 from outrider.workers.spec_config import GoodputConfig, SpeculativeConfig
 
 
@@ -90,6 +88,9 @@ class FixedDraftLength:
 # OUTLIER_RUN of them come in a row (then the costs changed, and they are fitted).
 OUTLIER_FACTOR = 4.0
 OUTLIER_RUN = 8
+# A steady batch size's best k is re-derived this often (rounds): the policy is on the round's
+# critical path, and its inputs move slowly (exponentially weighted).
+REUSE_ROUNDS = 8
 
 
 class OnlineLinear:
@@ -100,6 +101,9 @@ class OnlineLinear:
     s_j the root mean square of feature j over the (weighted) observations, or over
     ``anchors`` before any: it is worth about ``weight`` observations per coefficient, at the
     scale the features actually take, so measurements override it where they vary.
+
+    Plain Python on a few features: the policy runs on the round's critical path. Observations
+    only accumulate; the solve runs when ``predict`` first needs it (once per round).
     """
 
     def __init__(
@@ -111,42 +115,103 @@ class OnlineLinear:
         decay: float,
     ) -> None:
         n = len(prior)
-        self.prior = np.asarray(prior, dtype=np.float64)
-        xs = np.asarray(anchors, dtype=np.float64)  # [A, n]
-        self._anchor_scale = (xs**2).mean(axis=0)  # [n]
+        self.prior = [float(p) for p in prior]
+        self._anchor_scale = [
+            sum(float(a[j]) ** 2 for a in anchors) / len(anchors) for j in range(n)
+        ]
         self.weight = weight
         self.decay = decay
-        self._xtx = np.zeros((n, n))
-        self._xty = np.zeros(n)
+        self._xtx = [[0.0] * n for _ in range(n)]
+        self._xty = [0.0] * n
         self.num_observed = 0
         self.num_outliers = 0  # in a row
-        self.theta = self.prior.copy()
+        self.theta = list(self.prior)
+        self._clipped = self._clip(self.theta)
+        self._dirty = False
+
+    @staticmethod
+    def _clip(theta: list[float]) -> list[float]:
+        return [theta[0], *(max(t, 0.0) for t in theta[1:])]
 
     def observe(self, x: Sequence[float], y: float) -> None:
         # NOTE: a one-off stall (a kernel compiled on first use) can take hundreds of times a
         # step; fitted, or even capped, a few in a row would outweigh many real steps for long,
         # and a policy that then stops drafting measures the drafter too rarely to forget them.
-        if y > OUTLIER_FACTOR * self.predict(x):
+        # The check uses the fit as of the last prediction.
+        if y > OUTLIER_FACTOR * self._dot(x):
             self.num_outliers += 1
             if self.num_outliers < OUTLIER_RUN:
                 return
         else:
             self.num_outliers = 0
-        v = np.asarray(x, dtype=np.float64)
-        self._xtx = self.decay * self._xtx + np.outer(v, v)
-        self._xty = self.decay * self._xty + v * y
+        d = self.decay
+        v = [float(e) for e in x]
+        for i, row in enumerate(self._xtx):
+            vi = v[i]
+            for j, vj in enumerate(v):
+                row[j] = d * row[j] + vi * vj
+            self._xty[i] = d * self._xty[i] + vi * y
         self.num_observed += 1
-        count = self._xtx[0, 0]  # NOTE: feature 0 is the constant 1
-        scale = np.diag(self._xtx) / count if count > 0 else self._anchor_scale
-        scale = np.where(scale > 0, scale, self._anchor_scale)
-        penalty = self.weight * np.diag(scale)
-        self.theta = np.linalg.solve(self._xtx + penalty, self._xty + penalty @ self.prior)
+        self._dirty = True
+
+    def _refit(self) -> None:
+        n = len(self.prior)
+        count = self._xtx[0][0]  # NOTE: feature 0 is the constant 1
+        a = [row[:] for row in self._xtx]
+        b = self._xty[:]
+        for j in range(n):
+            s = self._xtx[j][j] / count if count > 0 else 0.0
+            p = self.weight * (s if s > 0 else self._anchor_scale[j])
+            a[j][j] += p
+            b[j] += p * self.prior[j]
+        self.theta = _solve(a, b)
+        self._clipped = self._clip(self.theta)
+        self._dirty = False
+
+    def _dot(self, x: Sequence[float]) -> float:
+        return max(sum(t * float(e) for t, e in zip(self._clipped, x, strict=True)), 1e-9)
 
     def predict(self, x: Sequence[float]) -> float:
         """theta . x with negative slopes clipped (more work never predicts less time)."""
-        th = self.theta.copy()
-        th[1:] = np.maximum(th[1:], 0.0)
-        return max(float(th @ np.asarray(x, dtype=np.float64)), 1e-9)
+        if self._dirty:
+            self._refit()
+        return self._dot(x)
+
+    def coefficients(self) -> list[float]:
+        """theta, slopes clipped at 0, as used by ``predict``."""
+        if self._dirty:
+            self._refit()
+        return list(self._clipped)
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """a x = b for a small symmetric positive definite a (Gaussian elimination, pivoting)."""
+    n = len(b)
+    m = [[*row, bi] for row, bi in zip(a, b, strict=True)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[p] = m[p], m[c]
+        piv = m[c][c]
+        if piv == 0.0:
+            continue
+        for r in range(c + 1, n):
+            f = m[r][c] / piv
+            if f:
+                for j in range(c, n + 1):
+                    m[r][j] -= f * m[c][j]
+    x = [0.0] * n
+    for c in range(n - 1, -1, -1):
+        acc = m[c][n] - sum(m[c][j] * x[j] for j in range(c + 1, n))
+        x[c] = acc / m[c][c] if m[c][c] else 0.0
+    return x
+
+
+def _running_product(xs: list[float]) -> list[float]:
+    out, run = [], 1.0
+    for x in xs:
+        run *= x
+        out.append(run)
+    return out
 
 
 class AcceptanceEstimate:
@@ -181,11 +246,7 @@ class AcceptanceEstimate:
         ]
 
     def unconditional(self) -> list[float]:
-        out, run = [], 1.0
-        for c in self.conditional():
-            run *= c
-            out.append(run)
-        return out
+        return _running_product(self.conditional())
 
 
 class GoodputDraftLength:
@@ -230,11 +291,12 @@ class GoodputDraftLength:
         self.num_rounds = 0
         self.last = max_k
         self._probe = 0
+        self._cached: dict[int, tuple[int, int]] = {}  # batch size -> (k, round chosen)
 
     # -- the model ------------------------------------------------------------------------------
-    def _draft_time(self, num_decode: int, k: int) -> float:
+    def _draft_time(self, num_decode: int, k: int, expected: float | None = None) -> float:
         # NOTE: in steady drafting each sequence ingests what the last round confirmed.
-        context = num_decode * self.expected_tokens(k)
+        context = num_decode * (self.expected_tokens(k) if expected is None else expected)
         return self.draft_cost.predict((1.0, float(k), float(num_decode * k), context))
 
     def expected_tokens(self, k: int) -> float:
@@ -242,19 +304,28 @@ class GoodputDraftLength:
         return 1.0 + sum(self.acceptance.unconditional()[:k])
 
     def round_time(self, k: int, num_decode: int, num_other_tokens: int = 0) -> float:
+        cond = self.acceptance.conditional()
+        return self._round_time(k, num_decode, num_other_tokens, cond, _running_product(cond))
+
+    def _round_time(
+        self,
+        k: int,
+        num_decode: int,
+        num_other_tokens: int,
+        cond: list[float],
+        uncond: list[float],
+    ) -> float:
         n = num_other_tokens + num_decode * (1 + k)
         t_verify = self.verify_cost.predict((1.0, float(n))) + self.overhead_s[int(k > 0)]
         if k == 0:
             return t_verify
+        expected = 1.0 + sum(uncond[:k])
         if not self.overlap:
-            return t_verify + self._draft_time(num_decode, k)
-        cond = self.acceptance.conditional()
-        uncond = self.acceptance.unconditional()
+            return t_verify + self._draft_time(num_decode, k, expected)
         hit = uncond[k - 1] * cond[min(k, self.max_k - 1)]  # all k accepted, and the guess
-        t_ahead = self._draft_time(num_decode, k + 1)
-        th = self.draft_cost.theta
-        d0, d1, d2 = float(th[0]), max(float(th[1]), 0.0), max(float(th[2]), 0.0)
-        d0 += max(float(th[3]), 0.0) * num_decode * self.expected_tokens(k)
+        t_ahead = self._draft_time(num_decode, k + 1, 1.0 + sum(uncond[: k + 1]))
+        d0, d1, d2, d3 = self.draft_cost.coefficients()
+        d0 += d3 * num_decode * expected
         miss_any = 1.0 - hit**num_decode
         t_cold = max(miss_any * (d0 + d1 * k) + d2 * k * num_decode * (1.0 - hit), 0.0)
         both = max(t_verify, t_ahead) if self.concurrent else t_verify + t_ahead
@@ -265,15 +336,25 @@ class GoodputDraftLength:
         return tokens / self.round_time(k, num_decode, num_other_tokens)
 
     def best(self, num_decode: int, num_other_tokens: int = 0) -> int:
-        rates = [self.goodput(k, num_decode, num_other_tokens) for k in range(self.max_k + 1)]
-        return int(np.argmax(rates))
+        cond = self.acceptance.conditional()
+        uncond = _running_product(cond)
+        best_k, best_rate, tokens = 0, -1.0, 1.0
+        for k in range(self.max_k + 1):
+            if k:
+                tokens += uncond[k - 1]
+            rate = tokens / self._round_time(k, num_decode, num_other_tokens, cond, uncond)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
 
     # -- the policy ------------------------------------------------------------------------------
     def choose(self, num_decode: int, num_other_tokens: int = 0) -> int:
         if num_decode == 0:
             return self.last
         self.num_rounds += 1
-        k = self.best(num_decode, num_other_tokens)
+        k = self._steady_best(num_decode) if num_other_tokens == 0 else -1
+        if k < 0:
+            k = self.best(num_decode, num_other_tokens)
         interval = self.cfg.probe_interval
         if interval and self.max_k > 0 and self.num_rounds % interval == 0:
             self._probe = (self._probe + 1) % (self.max_k + 1)
@@ -281,6 +362,15 @@ class GoodputDraftLength:
                 self._probe = (self._probe + 1) % (self.max_k + 1)
             k = self._probe
         self.last = k
+        return k
+
+    def _steady_best(self, num_decode: int) -> int:
+        """``best`` for a round without prefills, re-derived every ``REUSE_ROUNDS`` rounds."""
+        hit = self._cached.get(num_decode)
+        if hit is not None and self.num_rounds - hit[1] < REUSE_ROUNDS:
+            return hit[0]
+        k = self.best(num_decode)
+        self._cached[num_decode] = (k, self.num_rounds)
         return k
 
     def observe_acceptance(self, drafted: Sequence[tuple[int, int]]) -> None:
