@@ -50,7 +50,7 @@ from peer_common import (  # noqa: E402
     Settings,
 )
 from peer_outrider import run_outrider  # noqa: E402
-from peer_report import caption, load_runs, split_table, table  # noqa: E402
+from peer_report import caption, load_runs, split_table, stall_lines, table  # noqa: E402
 from peer_vllm import check_vllm, run_vllm  # noqa: E402
 
 
@@ -155,6 +155,9 @@ def report_out(args: argparse.Namespace, s: Settings, results: list[Result]) -> 
     text, rows = table(results, s.batch_sizes)
     head = caption(s, results)
     print(head + "\n\n" + text + "\n\n" + split_table(results, s.batch_sizes))
+    stalls = stall_lines(results, s.batch_sizes)
+    if stalls:
+        print("\nOne-off work in timed runs:\n" + stalls)
     report = {
         "caption": head,
         "settings": asdict(s),

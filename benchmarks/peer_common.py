@@ -81,7 +81,8 @@ class Result:
     ttft_ms: dict[int, float] = field(default_factory=dict)
     acceptance_length: dict[int, float | None] = field(default_factory=dict)
     # batch -> per-round means of the timed run: rounds, wall/draft/verify/overhead ms, mean k
-    split: dict[int, dict[str, float]] = field(default_factory=dict)
+    # (plus the slowest rounds and the Triton compiles inside the timed run)
+    split: dict[int, dict[str, Any]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
 

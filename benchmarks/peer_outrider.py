@@ -25,6 +25,7 @@ from peer_common import (
     smoke_drafter,
     smoke_target,
 )
+from triton_compiles import CompileLog
 
 
 def sync_devices(devices: Sequence[str]) -> None:
@@ -141,6 +142,9 @@ def measure_outrider(case: Case, s: Settings) -> Result:
         return dt, (1.0 + accepted / drafts) if drafts else None
 
     result = Result(case, "outrider", info=info)
+    compiles = CompileLog()
+    if not s.smoke:
+        compiles.install()
     run(1, 8)
     for bs in s.batch_sizes:
         # NOTE: CUDA graphs are captured and Triton variants compiled on first use (vLLM does
@@ -148,8 +152,11 @@ def measure_outrider(case: Case, s: Settings) -> Result:
         run(bs, s.num_tokens + 1)
         t1, _ = run(bs, 1)
         before = split_totals(llm.engine.stats)
+        t_timed = time.perf_counter()
         tn, al = run(bs, s.num_tokens + 1)
         result.split[bs] = split_means(before, split_totals(llm.engine.stats))
+        # NOTE: one-off work inside the timed run (a kernel variant met for the first time).
+        result.split[bs]["compiles"] = compiles.since(t_timed)
         result.ms[bs] = (tn - t1) / s.num_tokens * 1e3
         result.ttft_ms[bs] = t1 * 1e3
         result.acceptance_length[bs] = al
@@ -159,7 +166,7 @@ def measure_outrider(case: Case, s: Settings) -> Result:
 def split_totals(stats: Any) -> dict[str, Any]:
     k_sum = sum(k * n for k, n in stats.rounds_by_k.items())
     return {
-        "walls": list(stats.recent_wall_s),
+        "recent": list(stats.recent),
         "rounds": float(stats.num_rounds),
         "wall": stats.wall_s,
         "draft": stats.draft_s,
@@ -169,18 +176,33 @@ def split_totals(stats: Any) -> dict[str, Any]:
     }
 
 
-def split_means(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    """Per-round means between two ``split_totals``, with the median and the slowest round."""
+SLOWEST = 3
+
+
+def split_means(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Per-round means between two ``split_totals``, with the median and the slowest rounds."""
     n = b["rounds"] - a["rounds"]
     if n <= 0:
         return {"rounds": 0.0}
-    out = {"rounds": n, "mean_k": (b["k"] - a["k"]) / n}
+    out: dict[str, Any] = {"rounds": n, "mean_k": (b["k"] - a["k"]) / n}
     for key in ("wall", "draft", "verify", "overhead"):
         out[f"{key}_ms"] = (b[key] - a[key]) / n * 1e3
-    walls = sorted(b["walls"][-int(n) :])
-    if walls:
-        out["p50_ms"] = walls[len(walls) // 2] * 1e3
-        out["max_ms"] = walls[-1] * 1e3
+    rounds = sorted(b["recent"][-int(n) :], key=lambda t: t.wall_s)
+    if rounds:
+        out["p50_ms"] = rounds[len(rounds) // 2].wall_s * 1e3
+        out["max_ms"] = rounds[-1].wall_s * 1e3
+        out["slowest"] = [
+            {
+                "ms": round(t.wall_s * 1e3, 2),
+                "k": t.k,
+                "seqs": t.num_seqs,
+                "tokens": t.num_tokens,
+                "draft_ms": round(t.draft_s * 1e3, 2),
+                "verify_ms": round(t.verify_s * 1e3, 2),
+                "captured": t.captured_graphs,
+            }
+            for t in rounds[::-1][:SLOWEST]
+        ]
     return out
 
 

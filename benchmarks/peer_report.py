@@ -82,6 +82,36 @@ def split_table(results: Sequence[Result], batch_sizes: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
+def stall_lines(results: Sequence[Result], batch_sizes: Sequence[int]) -> str:
+    """Timed runs with one-off work: their slowest rounds and the Triton compiles inside."""
+    lines = []
+    for r in results:
+        if r.side != "outrider":
+            continue
+        for bs in batch_sizes:
+            sp = r.split.get(bs) or {}
+            compiles = sp.get("compiles") or []
+            slow = sp.get("slowest") or []
+            if not compiles and not (slow and slow[0]["ms"] > 3.0 * sp.get("p50_ms", 0.0)):
+                continue
+            rounds = "; ".join(
+                f"{t['ms']:.1f} ms (k {t['k']}, {t['seqs']} seqs, {t['tokens']} tokens, draft "
+                f"{t['draft_ms']:.1f}, verify {t['verify_ms']:.1f}"
+                + (", captured" if t["captured"] else "")
+                + ")"
+                for t in slow
+            )
+            names: dict[str, list[float]] = {}
+            for c in compiles:
+                names.setdefault(c["kernel"], []).append(c["ms"] or 0.0)
+            built = ", ".join(f"{n} x{len(v)} ({sum(v):.0f} ms)" for n, v in names.items())
+            lines.append(
+                f"- {SHAPE_NAMES[r.case.target]} {mode_label(r.case.mode)} batch {bs}: slowest "
+                f"{rounds}; Triton compiles in the timed run: {built or 'none'}"
+            )
+    return "\n".join(lines)
+
+
 def caption(s: Settings, results: Sequence[Result]) -> str:
     rates = "/".join(f"{r:.2f}" for r in RATES)
     mine = [r for r in results if r.side == "outrider"]

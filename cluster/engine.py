@@ -179,7 +179,7 @@ class EngineCore:
         t_start = time.perf_counter()
         k = self._choose_k(seqs)
         ks = [self._num_draft(s, k) for s in seqs]
-        timing = RoundTiming(k=max(ks))
+        timing = RoundTiming(k=max(ks), num_seqs=len(seqs))
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[torch.Tensor | None] = [None for _ in seqs]
         if self.overlap:
@@ -219,6 +219,7 @@ class EngineCore:
             for i, s in enumerate(seqs)
         ]
         num_tokens = sum(len(it.delta.token_ids) + len(it.draft_token_ids) for it in items_v)
+        timing.num_tokens = num_tokens
         # NOTE: only rounds without a prefill fit the policy's cost model (a prefill costs with
         # its length, which the model leaves out: fitted in, every round looks dearer).
         steady = all(len(it.delta.token_ids) <= self.k + 1 for it in items_v)

@@ -13,6 +13,8 @@ class RoundTiming:
     """One round's wall time split into the groups' forward time and the rest (seconds)."""
 
     k: int = 0  # the longest draft of the round (0 = plain decoding)
+    num_seqs: int = 0
+    num_tokens: int = 0  # query tokens of the verify (deltas + drafts)
     wall_s: float = 0.0
     draft_s: float = 0.0  # drafter time (cold and ahead calls)
     verify_s: float = 0.0
@@ -40,11 +42,11 @@ class EngineStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     overhead_s: float = 0.0
-    # the wall times of the latest rounds (percentiles; one-off stalls stand out from the mean)
-    recent_wall_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_ROUNDS))
+    # the latest rounds (percentiles; one-off stalls stand out from the mean)
+    recent: deque[RoundTiming] = field(default_factory=lambda: deque(maxlen=RECENT_ROUNDS))
 
     def record(self, t: RoundTiming) -> None:
-        self.recent_wall_s.append(t.wall_s)
+        self.recent.append(t)
         self.rounds_by_k[t.k] = self.rounds_by_k.get(t.k, 0) + 1
         self.num_overlap_hits += t.overlap_hits
         self.num_overlap_misses += t.overlap_misses
