@@ -25,7 +25,8 @@ from peer_common import (
     smoke_drafter,
     smoke_target,
 )
-from triton_compiles import CompileLog
+
+from outrider.kernels.compile_log import CompileLog
 
 
 def sync_devices(devices: Sequence[str]) -> None:

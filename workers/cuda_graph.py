@@ -224,10 +224,11 @@ class GraphRunner:
         return _head(out, batch.attn_metadata.num_seqs * q)
 
     def expect_query_lens(self, query_lens: Iterable[int]) -> None:
-        """Query lengths verify rounds will use (1 + k for every k up to the longest): each is
-        ready at once, and a batch size's first capture captures them all."""
+        """Query lengths verify rounds will use (1 + k for every k from 0 up to the longest):
+        each is ready at once, and a batch size's first capture captures them all, at that size
+        and every smaller one (a batch shrinks as its requests finish)."""
         for q in query_lens:
-            if 1 < q <= self.max_query_len and q not in self._expected_query_lens:
+            if 1 <= q <= self.max_query_len and q not in self._expected_query_lens:
                 self._expected_query_lens.add(q)
                 self._ready_query_lens.add(q)
 
@@ -317,11 +318,18 @@ class GraphRunner:
 
     def _capture_with_expected(self, size: int, q: int, aux: tuple[int, ...]) -> _Graph | None:
         """The graph of (size, q), captured with the other expected query lengths of ``size``
-        that are missing; None when a capture fails."""
-        for other in sorted(self._expected_query_lens - {q}, reverse=True):
-            if (size, other, aux) not in self._graphs and self._capture(size, other, aux) is None:
-                return None
-        return self._capture(size, q, aux)
+        and, when lengths are expected, with those of every smaller size; None when a capture
+        fails."""
+        graph = self._capture(size, q, aux)  # NOTE: largest first: the rest reuse its pool
+        if graph is None or not self._expected_query_lens:
+            return graph
+        lens = sorted(self._expected_query_lens | {q}, reverse=True)
+        for other_size in (b for b in reversed(self.batch_sizes) if b <= size):
+            for other in lens:
+                key = (other_size, other, aux)
+                if key not in self._graphs and self._capture(other_size, other, aux) is None:
+                    return None
+        return graph
 
     def _capture(self, size: int, q: int, aux: tuple[int, ...]) -> _Graph | None:
         dev = self.runner.device

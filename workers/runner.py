@@ -172,6 +172,28 @@ class ModelRunner:
             self.device,
         )
         self.graph_runner: GraphRunner | None = self._graph_runner()
+        self.warm_up_attention((True,))
+
+    def warm_up_attention(self, causal: tuple[bool, ...]) -> int:
+        """Compile the attention kernel variants a request would otherwise compile on first use
+        (a stall of hundreds of ms in the middle of it): every tile tier, split or not, for
+        these masks. CUDA only; returns the launches made."""
+        if self.device.type != "cuda":
+            return 0
+        hc = self.hf_config
+        group = hc.num_attention_heads // (
+            getattr(hc, "num_key_value_heads", None) or hc.num_attention_heads
+        )
+        with on_device(self.device):
+            return self.attn_backend.warm_up(
+                self.num_kv_heads * group,
+                self.num_kv_heads,
+                self.head_dim,
+                self.block_size,
+                self.dtype,
+                self.device,
+                causal=causal,
+            )
 
     def _graph_runner(self) -> GraphRunner | None:
         """CUDA graphs for the target's decode and verify steps, when they can run."""

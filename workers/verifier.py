@@ -104,7 +104,7 @@ class Verifier:
         self._generators: dict[int, torch.Generator] = {}
         self._synthetic_gens: dict[int, torch.Generator] = {}
         if runner.graph_runner is not None and num_speculative_tokens > 0:
-            runner.graph_runner.expect_query_lens(range(2, num_speculative_tokens + 2))
+            runner.graph_runner.expect_query_lens(range(1, num_speculative_tokens + 2))
 
     # -- state per sequence -----------------------------------------------------------------
     def _register(self, item: VerifyItem) -> SamplingParams:

@@ -116,6 +116,20 @@ class TorchAttentionBackend:
     write_kv = staticmethod(write_kv)
     attend = staticmethod(paged_attention)
 
+    def warm_up(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        causal: tuple[bool, ...] = (True,),
+    ) -> int:
+        """Compile ahead what the first forwards of these shapes would compile on first use;
+        returns how many launches it made (0: nothing to compile)."""
+        return 0
+
     def forward(
         self,
         q: torch.Tensor,  # [T, nH, hd]

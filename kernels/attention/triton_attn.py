@@ -497,6 +497,58 @@ def paged_attention(
     return out
 
 
+def warm_up_variants(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    causal: tuple[bool, ...] = (True,),
+) -> int:
+    """Launch ``paged_attention`` once per tile variant its launcher can pick for these shapes
+    (every BLOCK_M tier, split and unsplit, each ``causal`` mode) on a scratch cache, so no
+    variant is compiled on first use in the middle of a request (hundreds of ms each). Returns
+    the number of launches."""
+    group = num_heads // num_kv_heads
+    # NOTE: query lengths at the edges of every tier (rows = query length x group).
+    lens = sorted({max(1, r // group + d) for r in (1, 16, 32, 64, 128) for d in (0, 1)})
+    long_keys = _MAX_SPLITS * _MIN_KEYS_PER_SPLIT
+    max_len = lens[-1] + long_keys
+    num_blocks = -(-max_len // block_size)
+    k_cache = torch.zeros(
+        (num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
+    )
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.arange(num_blocks, dtype=torch.int64, device=device).view(1, num_blocks)
+    seen: set[tuple[object, ...]] = set()
+    count = 0
+    for q_len in lens:
+        tiles = _tile_config(q_len, group, head_dim, dtype)
+        for keys in (q_len, q_len + long_keys):  # unsplit (one key tile), split (many)
+            for c in causal:
+                md = AttentionMetadata(
+                    slot_mapping=torch.full((q_len,), -1, dtype=torch.int64, device=device),
+                    query_start_loc=torch.tensor([0, q_len], dtype=torch.int64, device=device),
+                    seq_lens=torch.tensor([keys], dtype=torch.int64, device=device),
+                    block_tables=table,
+                    max_query_len=q_len,
+                    max_seq_len=keys,
+                    causal=c,
+                )
+                block_q = tiles[0] // group
+                one_tile = q_len <= block_q
+                splits = _num_splits(device, 1, num_kv_heads, keys, tiles[1]) if one_tile else 1
+                key = (tiles, splits > 1, c)
+                if key in seen:
+                    continue
+                seen.add(key)
+                q = torch.zeros((q_len, num_heads, head_dim), dtype=dtype, device=device)
+                paged_attention(q, k_cache, v_cache, md, 1.0)
+                count += 1
+    return count
+
+
 class TritonAttentionBackend(TorchAttentionBackend):
     """The ``triton`` attention backend: paged KV write plus paged attention, CUDA only."""
 
@@ -505,6 +557,20 @@ class TritonAttentionBackend(TorchAttentionBackend):
     cuda_graph_safe = True
     write_kv = staticmethod(write_kv)
     attend = staticmethod(paged_attention)
+
+    def warm_up(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        causal: tuple[bool, ...] = (True,),
+    ) -> int:
+        return warm_up_variants(
+            num_heads, num_kv_heads, head_dim, block_size, dtype, device, causal
+        )
 
 
 BACKEND = TritonAttentionBackend()

@@ -307,3 +307,54 @@ def test_empty_batch() -> None:
     k = torch.zeros(0, 2, 64, dtype=torch.float16, device=DEVICE)
     out = BACKEND.forward(q, k, k, kc, kc.clone(), md, 0.125)
     assert out.shape == (0, 4, 64)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the interpreter compiles nothing")
+@pytest.mark.parametrize("heads", [(32, 8, 128), (32, 4, 128)], ids=["gqa4", "gqa8"])
+def test_warm_up_leaves_nothing_to_compile(
+    heads: tuple[int, int, int], gen: torch.Generator
+) -> None:
+    """After ``BACKEND.warm_up`` for a shape, batches of any geometry (decode, verify, drafter
+    blocks, catch-ups, prefills; short and long contexts; one sequence or many) launch only
+    variants it compiled."""
+    from outrider.kernels.compile_log import CompileLog
+
+    n_heads, n_kv, hd = heads
+    dtype = torch.bfloat16
+    # NOTE: other shapes than any test above, so nothing is served from an earlier compile.
+    block_size = 32
+    launches = BACKEND.warm_up(n_heads, n_kv, hd, block_size, dtype, torch.device(DEVICE))
+    assert launches >= 4
+    log = CompileLog()
+    assert log.install()
+    g = torch.Generator().manual_seed(zlib.crc32(b"warm-up"))
+    try:
+        _random_geometries(g, n_heads, n_kv, hd, dtype, block_size, gen)
+        torch.cuda.synchronize()
+    finally:
+        log.uninstall()
+    built = [c.name for c in log.entries if "_paged_attn" in c.name or "_reduce_splits" in c.name]
+    assert not built, f"compiled after the warm-up: {log.since(0.0)}"
+
+
+def _random_geometries(
+    g: torch.Generator,
+    n_heads: int,
+    n_kv: int,
+    hd: int,
+    dtype: torch.dtype,
+    block_size: int,
+    gen: torch.Generator,
+) -> None:
+    for _ in range(40):
+        b = int(torch.randint(1, 40, (1,), generator=g))
+        q_len = int(torch.randint(1, 40, (1,), generator=g))
+        ctx = int(torch.randint(0, 5000, (1,), generator=g))
+        seqs = [(ctx, q_len)]  # NOTE: the longest query and context set the variant
+        for _ in range(b - 1):
+            other = int(torch.randint(1, q_len + 1, (1,), generator=g))
+            seqs.append((int(torch.randint(0, 300, (1,), generator=g)), other))
+        case = make_case(seqs, n_heads, n_kv, hd, dtype, block_size, True, gen)
+        kc, vc = case["k_cache"].to(DEVICE), case["v_cache"].to(DEVICE)
+        md = to_device(case["md"])
+        paged_attention(case["q"].to(DEVICE), kc, vc, md, case["scale"])

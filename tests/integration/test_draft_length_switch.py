@@ -141,7 +141,9 @@ def test_goodput_policy_switches_off_and_probes(tiny_model) -> None:  # type: ig
     assert llm.engine.stats.spec.num_drafts > 0
 
 
-def test_cost_model_sees_steady_verifies_and_every_draft_with_its_context(tiny_model, pattern_draft_length) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+def test_cost_model_sees_steady_verifies_and_every_draft_with_its_context(
+    tiny_model, pattern_draft_length
+) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
     """Prefill verifies are not fed to the cost model (their time grows with their length);
     every drafter call is, with the confirmed tokens it ingested: the catch-up after rounds at
     k = 0 ingests many, and it is the only drafter time a policy that switched off sees."""
@@ -180,7 +182,9 @@ def test_cost_model_sees_steady_verifies_and_every_draft_with_its_context(tiny_m
     assert max(proposes) > len(PROMPTS) * 4  # catch-ups (and first proposes) are among them
 
 
-def test_calls_that_captured_graphs_are_not_fed_to_the_cost_model(tiny_model, pattern_draft_length) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+def test_calls_that_captured_graphs_are_not_fed_to_the_cost_model(
+    tiny_model, pattern_draft_length
+) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
     """A call that captured CUDA graphs reports it; its time (mostly the capture) is left out."""
     path, _ = tiny_model("llama")
     spec = SpeculativeConfig(

@@ -226,11 +226,28 @@ def test_ragged_drafts_are_padded_to_one_graph(tiny_model) -> None:  # type: ign
 
 
 def test_verifier_readies_every_verify_length_up_front(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    """With k configured, the query lengths 2..k+1 are expected before any round: a batch
-    size's first capture takes them all (none is captured mid-run when k changes)."""
+    """With k configured, the query lengths 1..k+1 (k = 0 included: rounds the goodput policy
+    runs without drafts) are expected before any round: a batch size's first capture takes them
+    all, at that size and every smaller one (none is captured mid-run when k changes or the
+    batch shrinks)."""
     path, _ = tiny_model("llama")
     runner = _runner(path, static=True)
     Verifier(runner, num_speculative_tokens=3)
     gr = runner.graph_runner
-    assert gr is not None and gr._expected_query_lens == {2, 3, 4}
+    assert gr is not None and gr._expected_query_lens == {1, 2, 3, 4}
     assert gr._ready_query_lens == {1, 2, 3, 4}
+    # which graphs a first capture takes (the capture itself needs CUDA: recorded here)
+    taken: list[tuple[int, int, tuple[int, ...]]] = []
+
+    def record(size: int, q: int, aux: tuple[int, ...]) -> object:
+        taken.append((size, q, aux))
+        gr._graphs[(size, q, aux)] = object()  # type: ignore[assignment]
+        return gr._graphs[(size, q, aux)]
+
+    gr._capture = record  # type: ignore[method-assign]
+    assert gr._capture_with_expected(4, 2, (1,)) is not None
+    assert taken[0] == (4, 2, (1,))  # largest first: the others reuse its memory pool
+    assert sorted(taken) == [(b, q, (1,)) for b in (1, 2, 4) for q in (1, 2, 3, 4)]
+    taken.clear()
+    gr._capture_with_expected(2, 1, ())  # other aux layers: graphs of their own
+    assert sorted(taken) == [(b, q, ()) for b in (1, 2) for q in (1, 2, 3, 4)]

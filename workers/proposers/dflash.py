@@ -82,6 +82,8 @@ class DFlashProposer(Proposer):
             )
 
         self.runner = ModelRunner(wcfg, group="drafter", build=build)
+        if not self.causal:
+            self.runner.warm_up_attention((False,))  # NOTE: the masked block's own variants
         self.model: DFlashDraftModel = self.runner.model  # type: ignore[assignment]
         self.sampler = DraftSampler(
             self.runner.device, draft_sampling=spec.draft_sampling, vocab_size=target_vocab_size

@@ -53,7 +53,8 @@ class DraftStepGraphs:
         usual_steps: int = 0,
     ) -> None:
         """``usual_steps``: the configured k - 1; the first call at a batch size captures every
-        step count up to it, so a round clipped near the end of a request finds its graph."""
+        step count up to it at that size and the smaller ones, so a round clipped near the end
+        of a request, or of fewer sequences, finds its graph."""
         if capture and runner.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {runner.device}")
         self.runner = runner
@@ -110,9 +111,13 @@ class DraftStepGraphs:
             return None
         key = (size, steps)
         if self.capture_graphs and key not in self._graphs:
-            for s in sorted({steps, *range(1, self.usual_steps + 1)}):
-                if (size, s) not in self._graphs and self._capture(size, s) is None:
-                    return None
+            # NOTE: with every step count, at this size and the smaller ones (a batch shrinks as
+            # its requests finish): none is captured in the middle of a request.
+            counts = sorted({steps, *range(1, self.usual_steps + 1)}, reverse=True)
+            for b in (b for b in reversed(self.batch_sizes) if b <= size):
+                for s in counts:
+                    if (b, s) not in self._graphs and self._capture(b, s) is None:
+                        return None
         self._stage(seq_ids, ends, tokens, hidden, size, steps)
         graph = self._graphs.get(key)
         if graph is not None:

@@ -25,6 +25,7 @@ class Compile:
 class CompileLog:
     entries: list[Compile] = field(default_factory=list)
     installed: bool = False
+    _restore: tuple[Any, Any] = (None, None)
 
     def install(self) -> bool:
         try:
@@ -39,8 +40,8 @@ class CompileLog:
 
         def on_cache(**kw: Any) -> bool | None:
             rep = str(kw.get("repr", ""))
-            name, _, sig = rep.partition("(")
-            c = Compile(name.split("[")[0], sig.rstrip(")"), time.perf_counter())
+            name, _, sig = rep.partition("](")
+            c = Compile(name.split("[")[0], sig.removesuffix(")"), time.perf_counter())
             self.entries.append(c)
             open_[str(kw.get("key"))] = c
             # NOTE: a true value would skip the compile; chain to an earlier hook.
@@ -54,8 +55,18 @@ class CompileLog:
 
         rt.jit_cache_hook = on_cache
         rt.jit_post_compile_hook = on_compiled
+        self._restore = (before, after)
         self.installed = True
         return True
+
+    def uninstall(self) -> None:
+        """Put back the hooks that were there before ``install``."""
+        if not self.installed:
+            return
+        from triton import knobs
+
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._restore
+        self.installed = False
 
     def since(self, t: float) -> list[dict[str, Any]]:
         """Compiles that started at or after ``t`` (perf_counter), as JSON rows."""
@@ -63,7 +74,7 @@ class CompileLog:
             {
                 "kernel": c.name,
                 "ms": None if c.seconds is None else round(c.seconds * 1e3, 1),
-                "signature": c.signature[:240],
+                "signature": c.signature[:800],
             }
             for c in self.entries
             if c.start_s >= t
