@@ -14,15 +14,28 @@ from collections.abc import Sequence
 
 import torch
 
+# NOTE: every part starts 16 bytes into its buffer from the last: Triton specialises a kernel on
+# whether each pointer argument is 16-byte aligned, so a part at an odd int64 offset (set by the
+# lengths of the parts before it) would compile another variant of every kernel that reads it,
+# mid-request.
+_ALIGN = 2  # int64 elements
+
 
 def to_device_ints(rows: Sequence[Sequence[int]], device: torch.device) -> list[torch.Tensor]:
-    """Each list of ints as an int64 tensor on ``device`` (views of one buffer, one copy)."""
-    sizes = [len(r) for r in rows]
-    flat = list(itertools.chain.from_iterable(rows))
+    """Each list of ints as an int64 tensor on ``device`` (16-byte aligned views of one buffer,
+    one copy)."""
+    flat: list[int] = []
+    spans = []
+    for r in rows:
+        start = len(flat)
+        flat.extend(r)
+        spans.append((start, len(flat)))
+        flat.extend(itertools.repeat(0, -len(flat) % _ALIGN))
     if device.type != "cuda":
-        return list(torch.tensor(flat, dtype=torch.int64, device=device).split(sizes))
-    host = torch.tensor(flat, dtype=torch.int64, pin_memory=True)
-    return list(host.to(device, non_blocking=True).split(sizes))
+        buf = torch.tensor(flat, dtype=torch.int64, device=device)
+    else:
+        buf = torch.tensor(flat, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+    return [buf[a:b] for a, b in spans]
 
 
 def as_range(rows: Sequence[int]) -> tuple[int, int] | None:

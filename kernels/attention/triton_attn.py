@@ -298,7 +298,7 @@ def _paged_attn_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_splits_kernel(
     out_ptr,
     part_acc_ptr,

@@ -13,6 +13,7 @@ import torch
 from outrider.kernels.fused import skinny_table
 from outrider.workers.config import SamplingParams
 from outrider.workers.proposers.base import ProposeItem
+from outrider.workers.proposers.context_graph import DraftContextGraphs
 from outrider.workers.proposers.draft_graph import DraftStepGraphs
 from outrider.workers.protocol import Delta
 
@@ -30,10 +31,11 @@ def test_draft_step_graph_path_matches_eager_loop(
     eagle3_helpers: ModuleType,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Steps 2..k on the static buffers of ``DraftStepGraphs`` (padded batch, one read at the
+    """The context forward on the static buffers of ``DraftContextGraphs`` (queries padded to
+    one length, padded batch) and steps 2..k on those of ``DraftStepGraphs`` (one read at the
     end; captured and replayed as CUDA graphs on a GPU, float32 there) draft exactly what the
-    eager loop drafts, over rounds with a rollback; rounds it cannot take (mixed k) fall back to
-    the loop."""
+    eager loop drafts, over rounds with a rollback; rounds they cannot take (mixed k) fall back
+    to the loop."""
     h = eagle3_helpers
     kind, layers, model_type, bias, extra = h.REF_CASES[case]
     cfg = h.layer_config(kind, layers=layers, attention_bias=bias, rope_theta=10000.0)
@@ -62,6 +64,15 @@ def test_draft_step_graph_path_matches_eager_loop(
         capture=device == "cuda",
     )
     graphed.step_graphs = steps
+    contexts = DraftContextGraphs(
+        graphed.runner,
+        graphed.model,
+        batch_sizes=[1, 2, 4],
+        max_query_len=5,
+        rows=1,
+        capture=device == "cuda",
+    )
+    graphed.context_graphs = contexts
     g = torch.Generator().manual_seed(5)
     x = torch.randint(0, h.VT, (3, 24), generator=g).tolist()
     aux = torch.randn(3, 24, 2 * h.H, generator=g, dtype=h.F64).to(device)
@@ -85,7 +96,71 @@ def test_draft_step_graph_path_matches_eager_loop(
         assert [len(d) for d in got.draft_token_ids] == [k for *_, k in batch]
         assert graphed.runner.kv.num_used_blocks == eager.runner.kv.num_used_blocks
     assert steps.num_replays == 3
-    assert steps.disabled_reason is None
+    assert contexts.num_replays == 3  # NOTE: the mixed-k round runs its context eagerly too
+    assert steps.disabled_reason is None and contexts.disabled_reason is None
+    for prop in (eager, graphed):
+        prop.release([0, 1, 2])
+        assert prop.runner.kv.num_used_blocks == 0
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, _CUDA])], ids=str
+)
+def test_parallel_context_graph_matches_eager_forward(
+    device: str, tmp_path: Path, eagle3_helpers: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """P-EAGLE's one forward (confirmed tokens + k - 1 mask slots per sequence) through
+    ``DraftContextGraphs`` drafts what the eager forward drafts, with k changing from round to
+    round (fewer rows than the graph picks), ragged contexts, a padded batch and a rollback; a
+    context longer than the graphs take (the prefill) runs eagerly."""
+    h = eagle3_helpers
+    kind, layers, model_type, bias, extra = h.REF_CASES["llama-peagle-fc_norm"]
+    cfg = h.layer_config(kind, layers=layers, attention_bias=bias, rope_theta=10000.0)
+    flags = {"norm_before_residual": True, "norm_output": False, **extra}
+    t = h.random_tensors(cfg, num_aux=2, peagle=True, fc_norm=flags.get("fc_norm", False))
+    ckpt = h.write_checkpoint(
+        tmp_path / "d", t, cfg, model_type=model_type, aux_ids=[2, 1], draft_vocab=h.VT,
+        dtype=h.F64, **flags,
+    )  # fmt: skip
+    dtype = "float64" if device == "cpu" else "float32"
+    with monkeypatch.context() as m:
+        m.setenv("OUTRIDER_DRAFT_GRAPHS", "0")
+        eager = h._proposer(ckpt, dtype=dtype, device=device)
+    graphed = h._proposer(ckpt, dtype=dtype, device=device)
+    assert eager.context_graphs is None
+    contexts = DraftContextGraphs(
+        graphed.runner,
+        graphed.model,
+        batch_sizes=[1, 2, 4],
+        max_query_len=8,
+        rows=4,
+        capture=device == "cuda",
+    )
+    graphed.context_graphs = contexts
+    g = torch.Generator().manual_seed(9)
+    x = torch.randint(0, h.VT, (3, 30), generator=g).tolist()
+    aux = torch.randn(3, 30, 2 * h.H, generator=g, dtype=h.F64).to(device)
+    params = SamplingParams(temperature=0.0)
+    rounds = [  # (seq, start, end, k)
+        [(0, 0, 12, 4), (1, 0, 9, 4), (2, 0, 10, 4)],  # prefills: longer than the graphs take
+        [(0, 12, 15, 4), (1, 9, 10, 4), (2, 10, 15, 4)],  # 3 sequences: padded to 4
+        [(0, 15, 17, 2), (1, 10, 12, 2), (2, 15, 16, 2)],  # k = 2: two of the four rows
+        [(0, 14, 16, 3), (2, 16, 20, 3)],  # seq 0 rolled back, two sequences
+        [(0, 16, 17, 1), (2, 20, 21, 1)],  # k = 1: no mask slots
+    ]
+    for batch in rounds:
+        items = [
+            ProposeItem(
+                Delta(s, a, x[s][a:e]), k, aux[s, max(a - 1, 0) : e - 1], params if a == 0 else None
+            )
+            for s, a, e, k in batch
+        ]
+        want = eager.propose(items, "parallel")
+        got = graphed.propose(items, "parallel")
+        assert got.draft_token_ids == want.draft_token_ids
+        assert [len(d) for d in got.draft_token_ids] == [k for *_, k in batch]
+        assert graphed.runner.kv.num_used_blocks == eager.runner.kv.num_used_blocks
+    assert contexts.num_replays == 4 and contexts.disabled_reason is None
     for prop in (eager, graphed):
         prop.release([0, 1, 2])
         assert prop.runner.kv.num_used_blocks == 0

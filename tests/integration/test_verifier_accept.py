@@ -73,6 +73,10 @@ def test_staging_helpers() -> None:
     a, b, c = to_device_ints([[1, 2, 3], [], [7]], torch.device("cpu"))
     assert a.tolist() == [1, 2, 3] and b.tolist() == [] and c.tolist() == [7]
     assert a.dtype == torch.int64
+    # every part 16-byte aligned from the first, whatever the lengths before it
+    parts = to_device_ints([[1], [2, 3, 4], [5, 6], [7]], torch.device("cpu"))
+    assert [p.tolist() for p in parts] == [[1], [2, 3, 4], [5, 6], [7]]
+    assert all((p.data_ptr() - parts[0].data_ptr()) % 16 == 0 for p in parts)
     assert as_range([4, 5, 6]) == (4, 7) and as_range([4, 6]) is None and as_range([]) is None
     t = torch.arange(12).view(6, 2)
     assert select_rows(t, [2, 3, 4]).data_ptr() == t[2].data_ptr()  # a view, no gather

@@ -33,6 +33,7 @@ from outrider.workers.proposers.base import (
     Proposer,
     ProposeResult,
 )
+from outrider.workers.proposers.context_graph import DraftContextGraphs
 from outrider.workers.proposers.draft_graph import DraftStepGraphs
 from outrider.workers.proposers.drafting import DraftSampler
 from outrider.workers.protocol import Delta
@@ -104,29 +105,40 @@ class Eagle3Proposer(Proposer):
         self.sampler = DraftSampler(
             self.runner.device, draft_sampling=spec.draft_sampling, vocab_size=target_vocab_size
         )
-        self.step_graphs: DraftStepGraphs | None = self._step_graphs()
+        self.step_graphs: DraftStepGraphs | None = None
+        self.context_graphs: DraftContextGraphs | None = None
+        if self._graphs_possible():
+            kernels, k = self.runner.cfg.kernels, self.spec.num_speculative_tokens or 1
+            self.step_graphs = DraftStepGraphs(
+                self.runner,
+                self.model,
+                batch_sizes=kernels.cuda_graph_batch_sizes,
+                max_steps=MAX_K - 1,
+                usual_steps=k - 1,
+            )
+            # NOTE: steady contexts: what a round confirmed (<= k + 1), plus k - 1 mask slots
+            # when drafting in parallel; one picked row per sequence, or k in parallel.
+            self.context_graphs = DraftContextGraphs(
+                self.runner,
+                self.model,
+                batch_sizes=kernels.cuda_graph_batch_sizes,
+                max_query_len=2 * k if self._parallel else k + 1,
+                rows=k if self._parallel else 1,
+            )
 
-    def _step_graphs(self) -> DraftStepGraphs | None:
-        """CUDA graphs for the sequential steps 2..k, when this worker can capture them.
+    def _graphs_possible(self) -> bool:
+        """Whether this worker can capture CUDA graphs of its draft steps and contexts.
 
         NOTE: ``OUTRIDER_DRAFT_GRAPHS=0`` turns them off (the eager loop, for comparisons).
         """
         runner, kernels = self.runner, self.runner.cfg.kernels
         if runner.device.type != "cuda" or kernels.enforce_eager:
-            return None
+            return False
         if os.environ.get("OUTRIDER_DRAFT_GRAPHS", "1") == "0":
-            return None
+            return False
         if not getattr(runner.attn_backend, "cuda_graph_safe", False):
-            return None
-        if get_pp_group().size > 1 or get_tp_group().size > 1:
-            return None
-        return DraftStepGraphs(
-            runner,
-            self.model,
-            batch_sizes=kernels.cuda_graph_batch_sizes,
-            max_steps=MAX_K - 1,
-            usual_steps=(self.spec.num_speculative_tokens or 1) - 1,
-        )
+            return False
+        return get_pp_group().size == 1 and get_tp_group().size == 1
 
     @property
     def capabilities(self) -> DrafterCapabilities:
@@ -144,7 +156,7 @@ class Eagle3Proposer(Proposer):
 
     @property
     def num_graphs(self) -> int:
-        return 0 if self.step_graphs is None else self.step_graphs.num_graphs
+        return sum(g.num_graphs for g in (self.step_graphs, self.context_graphs) if g is not None)
 
     def release(self, seq_ids: Sequence[int]) -> None:
         for s in seq_ids:
@@ -231,6 +243,9 @@ class Eagle3Proposer(Proposer):
         probs: list[list[torch.Tensor]] = [[] for _ in items]
         if not deltas:
             return ProposeResult(drafts, [None for _ in items])
+        graphed = self._graph_round(items, contexts, deltas, hidden, rows, parallel)
+        if graphed is not None:
+            return ProposeResult(graphed, [None for _ in items])
         batch, z, fed = self._forward(deltas, torch.cat(hidden))
         starts = batch.query_start_loc
         flat = [starts[i] + r for i, rs in enumerate(rows) for r in rs]
@@ -259,6 +274,44 @@ class Eagle3Proposer(Proposer):
             for j, b in enumerate(active):
                 last[b] = fed[j]
         return ProposeResult(drafts, [torch.stack(p) if p else None for p in probs])
+
+    def _graph_round(
+        self,
+        items: Sequence[ProposeItem],
+        contexts: list[Delta],
+        deltas: list[Delta],
+        hidden: list[torch.Tensor],
+        rows: list[list[int]],
+        parallel: bool,
+    ) -> list[list[int]] | None:
+        """Every sequence's greedy drafts with the context forward replayed as a CUDA graph (and
+        steps 2..k as another, one read at the end), or None when the round needs the eager
+        forward (sampled drafts, mixed k, a sequence with nothing to draft, a long context)."""
+        graphs = self.context_graphs
+        if graphs is None or len(deltas) != len(items):
+            return None
+        k = items[0].num_draft
+        if k < 1 or any(it.num_draft != k for it in items):
+            return None
+        if any(self.sampler.samples(it.delta.seq_id) for it in items):
+            return None
+        steps = 0 if parallel else k - 1
+        step_graphs = self.step_graphs
+        if steps and (step_graphs is None or step_graphs.fits(len(items), steps) is None):
+            return None
+        if graphs.fits(deltas) is None:
+            return None
+        out = graphs.run(deltas, torch.cat(hidden), rows)
+        if out is None:
+            return None
+        tokens, fed = out  # [n * R], [n, H]
+        if steps:
+            assert step_graphs is not None
+            return step_graphs.run(
+                [d.seq_id for d in contexts], [d.end_pos for d in contexts], tokens, fed, steps
+            )
+        r = graphs.rows
+        return [row[:k] for row in tokens.view(len(items), r).tolist()]  # NOTE: the one sync
 
     def _graph_steps(
         self,
