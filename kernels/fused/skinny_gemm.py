@@ -110,6 +110,14 @@ def _a_tile(
 
 
 @triton.jit
+def _dot_acc(acc, a, w, DOT_IEEE: tl.constexpr):
+    """acc + a @ w.T: [BM, BN]."""
+    if DOT_IEEE:
+        return tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(w), acc)
+
+
+@triton.jit
 def _skinny_gemm_kernel(
     x_ptr,
     res_ptr,
@@ -137,7 +145,6 @@ def _skinny_gemm_kernel(
     NORM_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     m_ok = rows < M
@@ -145,6 +152,11 @@ def _skinny_gemm_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     ks = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+    # NOTE: weights never depend on the previous kernel: the first tile is loaded before the
+    # PDL wait, so its DRAM latency overlaps the previous kernel's tail instead of following it.
+    w_first = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
+    pdl_prologue(USE_PDL)
     x_rows = x_ptr + rows64[:, None] * stride_xm  # [BM, 1]
     res_rows = res_ptr + rows64[:, None] * stride_rm
     inv = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -165,12 +177,17 @@ def _skinny_gemm_kernel(
                 xf = s.to(tl.float32)
             ss += tl.sum(xf * xf, axis=1)
         inv = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(ss, K * 1.0) + eps))
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # the first tile, loaded above
+    a = _a_tile(x_rows, res_rows, g_ptr, ks, m_ok, ks < K, inv, K, PROLOGUE, EVEN_K)
+    if USE_DOT:
+        acc = _dot_acc(acc, a, w_first, DOT_IEEE)
+    else:
+        acc2 += w_first.to(tl.float32) * a.to(tl.float32)  # [BN, BK] (BLOCK_M == 1)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + ks
         if EVEN_K:
             k_ok = cols < k0 + BLOCK_K
@@ -180,10 +197,7 @@ def _skinny_gemm_kernel(
             w = tl.load(w_rows + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         a = _a_tile(x_rows, res_rows, g_ptr, cols, m_ok, k_ok, inv, K, PROLOGUE, EVEN_K)
         if USE_DOT:
-            if DOT_IEEE:
-                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, tl.trans(w), acc)
+            acc = _dot_acc(acc, a, w, DOT_IEEE)
         else:
             acc2 += w.to(tl.float32) * a.to(tl.float32)  # [BN, BK] (BLOCK_M == 1)
     if not USE_DOT:
