@@ -25,7 +25,8 @@
 # Qwen3-30B-A3B), profile-x (profile_round with the drafter on the second GPU),
 # profile-pex (the same for P-EAGLE), profile-b8 (EAGLE-3 at batch 8), goodput-tgt /
 # goodput-moe (peer-goodput for one target shape), stall-tests (the attention warm-up leaves
-# nothing to compile; CUDA graphs; EAGLE-3's device paths). STEP@0+1 runs one step on other GPUs
+# nothing to compile; then, as graph-paths, the CUDA-graph tests and EAGLE-3's device paths:
+# draft-step and context graphs against the eager loop). STEP@0+1 runs one step on other GPUs
 # (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
@@ -108,8 +109,9 @@ run_step() {
       --draft-length-policy goodput --json "$R/bench_peer_$1.json" ;;
     profile-b8) step profile-b8 python3 benchmarks/profile_round.py tgt eagle3 --peer-dir .peer \
       --batch 8 --trace "$R/profile-b8.json.gz" ;;
-    stall-tests) step stall-tests $PYTEST -m gpu tests/gpu/test_triton_attention.py -k warm_up \
-      tests/gpu/test_cuda_graph.py tests/integration/test_eagle3_device_paths.py ;;
+    stall-tests) step stall-tests $PYTEST -m gpu tests/gpu/test_triton_attention.py -k warm_up
+      step graph-paths $PYTEST -m gpu tests/gpu/test_cuda_graph.py \
+      tests/integration/test_eagle3_device_paths.py ;;
     sweep-attn) OUT=$R step sweep-attn python3 benchmarks/gpu_kernels.py --sweep ;;
     sweep-moe) OUT=$R step sweep-moe python3 benchmarks/gpu_moe.py --sweep ;;
     *) echo "unknown step $1" >>"$R/steps.log" ;;
