@@ -558,19 +558,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
     write_kv = staticmethod(write_kv)
     attend = staticmethod(paged_attention)
 
-    def warm_up(
-        self,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        block_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        causal: tuple[bool, ...] = (True,),
-    ) -> int:
-        return warm_up_variants(
-            num_heads, num_kv_heads, head_dim, block_size, dtype, device, causal
-        )
+    warm_up = staticmethod(warm_up_variants)
 
 
 BACKEND = TritonAttentionBackend()

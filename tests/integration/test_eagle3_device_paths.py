@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 
 from outrider.kernels.fused import skinny_table
 from outrider.workers.config import SamplingParams
-from outrider.workers.proposers.base import ProposeItem
+from outrider.workers.proposers.base import DraftMode, ProposeItem
 from outrider.workers.proposers.context_graph import DraftContextGraphs
 from outrider.workers.proposers.draft_graph import DraftStepGraphs
 from outrider.workers.protocol import Delta
@@ -48,12 +49,7 @@ def test_draft_step_graph_path_matches_eager_loop(
         tmp_path / "d", t, cfg, model_type=model_type, aux_ids=[2, 1],
         draft_vocab=h.VT if kept is None else len(kept), dtype=h.F64, **flags,
     )  # fmt: skip
-    dtype = "float64" if device == "cpu" else "float32"
-    with monkeypatch.context() as m:
-        m.setenv("OUTRIDER_DRAFT_GRAPHS", "0")
-        eager = h._proposer(ckpt, dtype=dtype, device=device)
-    # NOTE: on by default on CUDA (the eager loop only where capture is impossible).
-    graphed = h._proposer(ckpt, dtype=dtype, device=device)
+    eager, graphed = _eager_and_graphed(h, ckpt, device, monkeypatch)
     assert eager.step_graphs is None
     assert (graphed.step_graphs is not None) == (device == "cuda")
     steps = DraftStepGraphs(
@@ -76,31 +72,16 @@ def test_draft_step_graph_path_matches_eager_loop(
     g = torch.Generator().manual_seed(5)
     x = torch.randint(0, h.VT, (3, 24), generator=g).tolist()
     aux = torch.randn(3, 24, 2 * h.H, generator=g, dtype=h.F64).to(device)
-    params = SamplingParams(temperature=0.0)
     rounds = [  # (seq, start, end, k)
         [(0, 0, 6, 4), (1, 0, 3, 4), (2, 0, 5, 4)],  # 3 sequences: padded to 4
         [(0, 6, 8, 4), (1, 3, 6, 4), (2, 5, 6, 4)],
         [(0, 5, 9, 3), (1, 6, 7, 1), (2, 6, 7, 3)],  # mixed k: the eager loop
         [(0, 9, 10, 6), (2, 7, 9, 6)],  # seq 0 rolled back above, two sequences: padded to 2
     ]
-    for batch in rounds:
-        items = [
-            ProposeItem(
-                Delta(s, a, x[s][a:e]), k, aux[s, max(a - 1, 0) : e - 1], params if a == 0 else None
-            )
-            for s, a, e, k in batch
-        ]
-        want = eager.propose(items, "sequential")
-        got = graphed.propose(items, "sequential")
-        assert got.draft_token_ids == want.draft_token_ids
-        assert [len(d) for d in got.draft_token_ids] == [k for *_, k in batch]
-        assert graphed.runner.kv.num_used_blocks == eager.runner.kv.num_used_blocks
+    _same_drafts(eager, graphed, rounds, x, aux, "sequential")
     assert steps.num_replays == 3
     assert contexts.num_replays == 3  # NOTE: the mixed-k round runs its context eagerly too
     assert steps.disabled_reason is None and contexts.disabled_reason is None
-    for prop in (eager, graphed):
-        prop.release([0, 1, 2])
-        assert prop.runner.kv.num_used_blocks == 0
 
 
 @pytest.mark.parametrize(
@@ -122,11 +103,7 @@ def test_parallel_context_graph_matches_eager_forward(
         tmp_path / "d", t, cfg, model_type=model_type, aux_ids=[2, 1], draft_vocab=h.VT,
         dtype=h.F64, **flags,
     )  # fmt: skip
-    dtype = "float64" if device == "cpu" else "float32"
-    with monkeypatch.context() as m:
-        m.setenv("OUTRIDER_DRAFT_GRAPHS", "0")
-        eager = h._proposer(ckpt, dtype=dtype, device=device)
-    graphed = h._proposer(ckpt, dtype=dtype, device=device)
+    eager, graphed = _eager_and_graphed(h, ckpt, device, monkeypatch)
     assert eager.context_graphs is None
     contexts = DraftContextGraphs(
         graphed.runner,
@@ -140,7 +117,6 @@ def test_parallel_context_graph_matches_eager_forward(
     g = torch.Generator().manual_seed(9)
     x = torch.randint(0, h.VT, (3, 30), generator=g).tolist()
     aux = torch.randn(3, 30, 2 * h.H, generator=g, dtype=h.F64).to(device)
-    params = SamplingParams(temperature=0.0)
     rounds = [  # (seq, start, end, k)
         [(0, 0, 12, 4), (1, 0, 9, 4), (2, 0, 10, 4)],  # prefills: longer than the graphs take
         [(0, 12, 15, 4), (1, 9, 10, 4), (2, 10, 15, 4)],  # 3 sequences: padded to 4
@@ -148,6 +124,34 @@ def test_parallel_context_graph_matches_eager_forward(
         [(0, 14, 16, 3), (2, 16, 20, 3)],  # seq 0 rolled back, two sequences
         [(0, 16, 17, 1), (2, 20, 21, 1)],  # k = 1: no mask slots
     ]
+    _same_drafts(eager, graphed, rounds, x, aux, "parallel")
+    assert contexts.num_replays == 4 and contexts.disabled_reason is None
+
+
+def _eager_and_graphed(
+    h: ModuleType, ckpt: Path, device: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, Any]:
+    """The drafter with its graphs off, and as built by default (on CUDA: graphs on; float64 on
+    the CPU, float32 on the GPU)."""
+    dtype = "float64" if device == "cpu" else "float32"
+    with monkeypatch.context() as m:
+        m.setenv("OUTRIDER_DRAFT_GRAPHS", "0")
+        eager = h._proposer(ckpt, dtype=dtype, device=device)
+    # NOTE: on by default on CUDA (the eager loop only where capture is impossible).
+    return eager, h._proposer(ckpt, dtype=dtype, device=device)
+
+
+def _same_drafts(
+    eager: Any,
+    graphed: Any,
+    rounds: list[list[tuple[int, int, int, int]]],
+    x: list[list[int]],
+    aux: torch.Tensor,  # [seqs, positions, aux width]
+    mode: DraftMode,
+) -> None:
+    """Each round (seq, start, end, k) drafts the same tokens through both proposers and
+    leaves them the same KV blocks; releasing every sequence frees them all."""
+    params = SamplingParams(temperature=0.0)
     for batch in rounds:
         items = [
             ProposeItem(
@@ -155,12 +159,11 @@ def test_parallel_context_graph_matches_eager_forward(
             )
             for s, a, e, k in batch
         ]
-        want = eager.propose(items, "parallel")
-        got = graphed.propose(items, "parallel")
+        want = eager.propose(items, mode)
+        got = graphed.propose(items, mode)
         assert got.draft_token_ids == want.draft_token_ids
         assert [len(d) for d in got.draft_token_ids] == [k for *_, k in batch]
         assert graphed.runner.kv.num_used_blocks == eager.runner.kv.num_used_blocks
-    assert contexts.num_replays == 4 and contexts.disabled_reason is None
     for prop in (eager, graphed):
         prop.release([0, 1, 2])
         assert prop.runner.kv.num_used_blocks == 0
