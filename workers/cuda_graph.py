@@ -85,6 +85,27 @@ def capture_graph(
     return graph, out
 
 
+def capture_down(
+    size: int,
+    batch_sizes: Sequence[int],
+    variants: Iterable[int],
+    missing: Callable[[int, int], bool],
+    capture: Callable[[int, int], object | None],
+) -> bool:
+    """Capture every missing (batch size, variant) at ``size`` and every smaller batch size,
+    largest first (the smaller graphs reuse its memory pool): a batch size's first capture
+    takes them all, so none is captured in the middle of a request when its shape changes or
+    its batch shrinks. False when a capture fails (``capture`` returned None)."""
+    ordered = sorted(set(variants), reverse=True)
+    for b in sorted(batch_sizes, reverse=True):
+        if b > size:
+            continue
+        for v in ordered:
+            if missing(b, v) and capture(b, v) is None:
+                return False
+    return True
+
+
 def padded_batch_size(num_seqs: int, batch_sizes: Sequence[int]) -> int | None:
     """The smallest captured size that holds ``num_seqs`` sequences; None if none does."""
     fits = [b for b in batch_sizes if b >= num_seqs]
@@ -323,13 +344,14 @@ class GraphRunner:
         graph = self._capture(size, q, aux)  # NOTE: largest first: the rest reuse its pool
         if graph is None or not self._expected_query_lens:
             return graph
-        lens = sorted(self._expected_query_lens | {q}, reverse=True)
-        for other_size in (b for b in reversed(self.batch_sizes) if b <= size):
-            for other in lens:
-                key = (other_size, other, aux)
-                if key not in self._graphs and self._capture(other_size, other, aux) is None:
-                    return None
-        return graph
+        done = capture_down(
+            size,
+            self.batch_sizes,
+            self._expected_query_lens | {q},
+            lambda b, n: (b, n, aux) not in self._graphs,
+            lambda b, n: self._capture(b, n, aux),
+        )
+        return graph if done else None
 
     def _capture(self, size: int, q: int, aux: tuple[int, ...]) -> _Graph | None:
         dev = self.runner.device

@@ -506,25 +506,24 @@ def warm_up_variants(
     device: torch.device,
     causal: tuple[bool, ...] = (True,),
 ) -> int:
-    """Launch ``paged_attention`` once per tile variant its launcher can pick for these shapes
-    (every BLOCK_M tier, split and unsplit, each ``causal`` mode) on a scratch cache, so no
-    variant is compiled on first use in the middle of a request (hundreds of ms each). Returns
-    the number of launches."""
+    """Launch ``paged_attention`` at query lengths on both sides of every BLOCK_M tier, over
+    one key tile and over enough keys to split, in each ``causal`` mode, on a scratch cache:
+    every tile variant the launcher can pick for these shapes is compiled (Triton skips the
+    ones it has), so none is compiled on first use in the middle of a request (hundreds of ms
+    each). Returns the number of launches."""
     group = num_heads // num_kv_heads
-    # NOTE: query lengths at the edges of every tier (rows = query length x group).
+    # NOTE: rows = query length x group; the tiers end at 16, 32, 64 and 128 rows.
     lens = sorted({max(1, r // group + d) for r in (1, 16, 32, 64, 128) for d in (0, 1)})
     long_keys = _MAX_SPLITS * _MIN_KEYS_PER_SPLIT
-    max_len = lens[-1] + long_keys
-    num_blocks = -(-max_len // block_size)
+    num_blocks = -(-(lens[-1] + long_keys) // block_size)
     k_cache = torch.zeros(
         (num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
     )
     v_cache = torch.zeros_like(k_cache)
     table = torch.arange(num_blocks, dtype=torch.int64, device=device).view(1, num_blocks)
-    seen: set[tuple[object, ...]] = set()
     count = 0
     for q_len in lens:
-        tiles = _tile_config(q_len, group, head_dim, dtype)
+        q = torch.zeros((q_len, num_heads, head_dim), dtype=dtype, device=device)
         for keys in (q_len, q_len + long_keys):  # unsplit (one key tile), split (many)
             for c in causal:
                 md = AttentionMetadata(
@@ -536,14 +535,6 @@ def warm_up_variants(
                     max_seq_len=keys,
                     causal=c,
                 )
-                block_q = tiles[0] // group
-                one_tile = q_len <= block_q
-                splits = _num_splits(device, 1, num_kv_heads, keys, tiles[1]) if one_tile else 1
-                key = (tiles, splits > 1, c)
-                if key in seen:
-                    continue
-                seen.add(key)
-                q = torch.zeros((q_len, num_heads, head_dim), dtype=dtype, device=device)
                 paged_attention(q, k_cache, v_cache, md, 1.0)
                 count += 1
     return count

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from outrider.kernels.attention.metadata import AttentionMetadata
-from outrider.workers.cuda_graph import capture_graph, padded_batch_size
+from outrider.workers.cuda_graph import capture_down, capture_graph, padded_batch_size
 from outrider.workers.forward_context import ForwardContext, forward_context
 from outrider.workers.protocol import Delta
 from outrider.workers.staging import to_device_ints
@@ -121,10 +121,15 @@ class DraftContextGraphs:
             return None
         size, q = fitted
         if self.capture_graphs and (size, q) not in self._graphs:
-            for b in (b for b in reversed(self.batch_sizes) if b <= size):
-                for n in range(self.max_query_len, 0, -1):
-                    if (b, n) not in self._graphs and self._capture(b, n) is None:
-                        return None
+            # NOTE: every query length, at this size and the smaller ones.
+            if not capture_down(
+                size,
+                self.batch_sizes,
+                range(1, self.max_query_len + 1),
+                lambda b, n: (b, n) not in self._graphs,
+                self._capture,
+            ):
+                return None
         self._stage(deltas, hidden, rows, size, q)
         graph = self._graphs.get((size, q))
         if graph is not None:
@@ -155,8 +160,8 @@ class DraftContextGraphs:
         lens = [q] * size
         row_index = [0] * (size * r)
         last = [0] * size
-        gather = list(range(total))  # row of ``src`` each static hidden row takes
         src_zero = 0 if hidden is None else int(hidden.shape[0])
+        gather = [src_zero] * total  # row of ``src`` each static hidden row takes (padding: 0s)
         tables: list[list[int]] = []
         offset = 0
         for b, d in enumerate(deltas):
@@ -171,8 +176,6 @@ class DraftContextGraphs:
                 pos[t], slots[t] = d.start_pos + j, got[j]
                 if j < m:
                     ids[t], gather[t] = d.token_ids[j], offset + j
-                else:
-                    gather[t] = src_zero
             lens[b] = d.start_pos + q
             picked = rows[b]
             for i in range(r):
@@ -181,8 +184,6 @@ class DraftContextGraphs:
             last[b] = b * q + m - 1
             tables.append(kv.block_table(d.seq_id))
             offset += m
-        for t in range(n * q, total):
-            gather[t] = src_zero
         for d in deltas:
             kv.truncate(d.seq_id, d.start_pos + len(d.token_ids))
         width = max((len(t) for t in tables), default=0)

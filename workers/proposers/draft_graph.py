@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from outrider.kernels.attention.metadata import AttentionMetadata
-from outrider.workers.cuda_graph import capture_graph, padded_batch_size
+from outrider.workers.cuda_graph import capture_down, capture_graph, padded_batch_size
 from outrider.workers.forward_context import ForwardContext, forward_context
 from outrider.workers.staging import to_device_ints
 
@@ -111,13 +111,15 @@ class DraftStepGraphs:
             return None
         key = (size, steps)
         if self.capture_graphs and key not in self._graphs:
-            # NOTE: with every step count, at this size and the smaller ones (a batch shrinks as
-            # its requests finish): none is captured in the middle of a request.
-            counts = sorted({steps, *range(1, self.usual_steps + 1)}, reverse=True)
-            for b in (b for b in reversed(self.batch_sizes) if b <= size):
-                for s in counts:
-                    if (b, s) not in self._graphs and self._capture(b, s) is None:
-                        return None
+            # NOTE: with every usual step count, at this size and the smaller ones.
+            if not capture_down(
+                size,
+                self.batch_sizes,
+                {steps, *range(1, self.usual_steps + 1)},
+                lambda b, s: (b, s) not in self._graphs,
+                self._capture,
+            ):
+                return None
         self._stage(seq_ids, ends, tokens, hidden, size, steps)
         graph = self._graphs.get(key)
         if graph is not None:

@@ -275,6 +275,16 @@ class Eagle3Proposer(Proposer):
                 last[b] = fed[j]
         return ProposeResult(drafts, [torch.stack(p) if p else None for p in probs])
 
+    def _greedy_k(self, items: Sequence[ProposeItem]) -> int:
+        """The k every sequence drafts when they all draft it greedily (what the graphs take),
+        else 0."""
+        k = items[0].num_draft if items else 0
+        if any(it.num_draft != k for it in items):
+            return 0
+        if any(self.sampler.samples(it.delta.seq_id) for it in items):
+            return 0
+        return max(k, 0)
+
     def _graph_round(
         self,
         items: Sequence[ProposeItem],
@@ -290,10 +300,8 @@ class Eagle3Proposer(Proposer):
         graphs = self.context_graphs
         if graphs is None or len(deltas) != len(items):
             return None
-        k = items[0].num_draft
-        if k < 1 or any(it.num_draft != k for it in items):
-            return None
-        if any(self.sampler.samples(it.delta.seq_id) for it in items):
+        k = self._greedy_k(items)
+        if k == 0:
             return None
         steps = 0 if parallel else k - 1
         step_graphs = self.step_graphs
@@ -330,9 +338,7 @@ class Eagle3Proposer(Proposer):
         graphs = self.step_graphs
         if graphs is None or steps < 1 or len(live) != len(items):
             return None
-        if any(it.num_draft != steps + 1 or len(r) != 1 for it, r in zip(items, rows, strict=True)):
-            return None
-        if any(self.sampler.samples(it.delta.seq_id) for it in items):
+        if self._greedy_k(items) != steps + 1 or any(len(r) != 1 for r in rows):
             return None
         if graphs.fits(len(live), steps) is None:
             return None
