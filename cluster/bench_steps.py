@@ -21,7 +21,15 @@ from outrider.cluster.bench_floors import (
     model_cost,
     moe_cost,
 )
-from outrider.cluster.bench_timing import count_kernels, graph_safe, median_ms, time_calls
+from outrider.cluster.bench_timing import (
+    capture,
+    count_kernels,
+    format_kernel_times,
+    graph_safe,
+    kernel_times,
+    median_ms,
+    time_calls,
+)
 from outrider.kernels import registry
 from outrider.kernels.attention.metadata import AttentionMetadata
 from outrider.workers.config import CacheConfig, KernelConfig, ModelConfig, WorkerConfig
@@ -172,6 +180,11 @@ def bench_moe(
         safe = graph_safe(block.experts.kernel)
         graph = safe and torch.device(dev.device).type == "cuda"
         ms = time_calls([lambda x=x: block(x) for x in xs], graph, dev.device)
+        one = capture(lambda: block(xs[0])) if graph else (lambda: block(xs[0]))
+        breakdown = kernel_times(one, dev.device)
+    if breakdown:
+        print(f"moe       {shape.name:9s} {tokens} tokens: kernels per block")
+        print("\n".join(format_kernel_times(breakdown, top=8)))
     cost = moe_cost(shape, tokens, mean_hit, dev.elt)
     note = f"{tokens} tokens, {mean_hit:.1f} experts hit, {moe_backend}"
     note += "" if safe else " (not graph-safe)"
@@ -262,6 +275,10 @@ def bench_model(
             before = gr.num_replays if gr is not None else 0
             ms = median_ms(step, dev.device, reps=10, sample_ms=50.0)
             replayed = gr is not None and gr.num_replays > before
+            breakdown = kernel_times(step, dev.device)
+            if breakdown:
+                print(f"model     {shape.name:9s} b={b:<3d} q={q}: kernels per step")
+                print("\n".join(format_kernel_times(breakdown)))
             runner.graph_runner = None
             eager_ms = median_ms(step, dev.device, reps=5, sample_ms=50.0)
             kernels = count_kernels(step, dev.device)

@@ -99,5 +99,40 @@ def count_kernels(fn: Callable[[], Any], device: Any) -> int | None:
     return count or None
 
 
+def kernel_times(
+    fn: Callable[[], Any], device: Any, *, calls: int = 20
+) -> list[tuple[str, float, float]]:
+    """Per kernel name: ``(name, us per call, launches per call)`` over ``calls`` calls of ``fn``
+    (kernels inside CUDA-graph replays included), slowest first; empty when unknown."""
+    if torch.device(device).type != "cuda":
+        return []
+    fn()
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+    except (RuntimeError, AssertionError):
+        return []
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        agg = totals.setdefault(e.name, [0.0, 0.0])
+        agg[0] += e.time_range.elapsed_us()
+        agg[1] += 1
+    rows = [(name, t / calls, n / calls) for name, (t, n) in totals.items()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def format_kernel_times(rows: list[tuple[str, float, float]], top: int = 12) -> list[str]:
+    """Lines ``us/call  launches  name`` for the ``top`` slowest kernels, then their sum."""
+    total = sum(r[1] for r in rows)
+    lines = [f"    {us:9.1f} us {n:6.1f}x  {name[:90]}" for name, us, n in rows[:top]]
+    lines.append(f"    {total:9.1f} us in {sum(r[2] for r in rows):.0f} kernels (device time)")
+    return lines
+
+
 def graph_safe(backend: Any) -> bool:
     return bool(getattr(backend, "cuda_graph_safe", False))

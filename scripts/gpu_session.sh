@@ -26,7 +26,8 @@
 # profile-pex (the same for P-EAGLE), profile-b8 (EAGLE-3 at batch 8), goodput-tgt /
 # goodput-moe (peer-goodput for one target shape), stall-tests (the attention warm-up leaves
 # nothing to compile; then, as graph-paths, the CUDA-graph tests and EAGLE-3's device paths:
-# draft-step and context graphs against the eager loop). STEP@0+1 runs one step on other GPUs
+# draft-step and context graphs against the eager loop), breakdown (bench-kernels' MoE block and
+# full steps with each step's kernels by device time). STEP@0+1 runs one step on other GPUs
 # (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
@@ -112,6 +113,10 @@ run_step() {
     stall-tests) step stall-tests $PYTEST -m gpu tests/gpu/test_triton_attention.py -k warm_up
       step graph-paths $PYTEST -m gpu tests/gpu/test_cuda_graph.py \
       tests/integration/test_eagle3_device_paths.py ;;
+    breakdown) step breakdown $CLI bench-kernels --parts moe,model --shapes qwen3moe \
+      --batch-sizes 1,8 --model-shape llama8b --json "$R/breakdown_8b.json"
+      step breakdown-moe $CLI bench-kernels --parts model --model-shape qwen3moe \
+      --json "$R/breakdown_moe.json" ;;
     sweep-attn) OUT=$R step sweep-attn python3 benchmarks/gpu_kernels.py --sweep ;;
     sweep-moe) OUT=$R step sweep-moe python3 benchmarks/gpu_moe.py --sweep ;;
     *) echo "unknown step $1" >>"$R/steps.log" ;;
