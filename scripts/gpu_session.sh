@@ -27,7 +27,9 @@
 # goodput-moe (peer-goodput for one target shape), stall-tests (the attention warm-up leaves
 # nothing to compile; then, as graph-paths, the CUDA-graph tests and EAGLE-3's device paths:
 # draft-step and context graphs against the eager loop), breakdown (bench-kernels' MoE block and
-# full steps with each step's kernels by device time). STEP@0+1 runs one step on other GPUs
+# full steps with each step's kernels by device time; breakdown-nopdl: the 8B step with PDL off,
+# so each kernel's time is its own), moe-token (the one-token MoE path's tests
+# and tile sweep, benchmarks/gpu_moe_token.py). STEP@0+1 runs one step on other GPUs
 # (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
@@ -117,6 +119,10 @@ run_step() {
       --batch-sizes 1,8 --model-shape llama8b --json "$R/breakdown_8b.json"
       step breakdown-moe $CLI bench-kernels --parts model --model-shape qwen3moe \
       --json "$R/breakdown_moe.json" ;;
+    breakdown-nopdl) step breakdown-nopdl env OUTRIDER_PDL=0 $CLI bench-kernels --parts model \
+      --model-shape llama8b --json "$R/breakdown_nopdl.json" ;;
+    moe-token) step moe-token-tests $PYTEST -m gpu tests/gpu/test_triton_moe.py -k token
+      OUT=$R step moe-token python3 benchmarks/gpu_moe_token.py --sweep ;;
     sweep-attn) OUT=$R step sweep-attn python3 benchmarks/gpu_kernels.py --sweep ;;
     sweep-moe) OUT=$R step sweep-moe python3 benchmarks/gpu_moe.py --sweep ;;
     *) echo "unknown step $1" >>"$R/steps.log" ;;

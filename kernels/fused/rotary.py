@@ -50,23 +50,34 @@ def _rotary_kernel(
     positions_ptr,
     q_ptr,
     k_ptr,
+    v_ptr,
     cos_ptr,
     sin_ptr,
     q_out_ptr,
     k_out_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
     num_q_heads,
     num_kv_heads,
     stride_qt,
     stride_kt,
+    stride_vt,
     stride_cache,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    block_size,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    WRITE_KV: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH] over [q heads; k heads]
+    # [BH] over [q heads; k heads] (and v heads with WRITE_KV)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)  # [BHALF]
     col_ok = cols < HALF
     dt = q_out_ptr.dtype.element_ty
@@ -94,23 +105,42 @@ def _rotary_kernel(
     o1 = ((x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)).to(dt)
     o2 = ((x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)).to(dt)
     q_out = q_out_ptr + t * (num_q_heads * 2 * HALF) + head_q
-    k_out = k_out_ptr + t * (num_kv_heads * 2 * HALF) + head_k
     tl.store(q_out, o1, mask=mq)
     tl.store(q_out + HALF, o2, mask=mq)
-    tl.store(k_out, o1, mask=mk)
-    tl.store(k_out + HALF, o2, mask=mk)
+    if WRITE_KV:
+        # NOTE: the rotated key and the value go straight to the paged cache (write_kv's
+        # reshape_and_cache); a slot < 0 stores nothing.
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        ok = slot >= 0
+        blk = tl.where(ok, slot, 0) // block_size
+        cache_row = blk * stride_cb + (tl.where(ok, slot, 0) % block_size) * stride_cs
+        v_heads = kv_heads - num_kv_heads
+        is_v = (v_heads >= 0) & (v_heads < num_kv_heads)
+        mv = is_v[:, None] & col_ok[None, :] & ok
+        mk = mk & ok
+        k_dst = kc_ptr + cache_row + kv_heads.to(tl.int64)[:, None] * stride_ch + cols[None, :]
+        tl.store(k_dst, o1.to(kc_ptr.dtype.element_ty), mask=mk)
+        tl.store(k_dst + HALF, o2.to(kc_ptr.dtype.element_ty), mask=mk)
+        v_src = v_ptr + t * stride_vt + v_heads.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
+        v_dst = vc_ptr + cache_row + v_heads.to(tl.int64)[:, None] * stride_ch + cols[None, :]
+        v1 = tl.load(v_src, mask=mv, other=0.0)
+        v2 = tl.load(v_src + HALF, mask=mv, other=0.0)
+        tl.store(v_dst, v1.to(vc_ptr.dtype.element_ty), mask=mv)
+        tl.store(v_dst + HALF, v2.to(vc_ptr.dtype.element_ty), mask=mv)
+    else:
+        k_out = k_out_ptr + t * (num_kv_heads * 2 * HALF) + head_k
+        tl.store(k_out, o1, mask=mk)
+        tl.store(k_out + HALF, o2, mask=mk)
 
 
-def apply_rotary(
-    positions: torch.Tensor,  # [T]
-    query: torch.Tensor,  # [T, nH * hd]
-    key: torch.Tensor,  # [T, nKV * hd]
-    cos_cache: torch.Tensor,  # [P, hd/2] float32
-    sin_cache: torch.Tensor,  # [P, hd/2] float32
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rotary_ref`` in one launch; returns new contiguous ``(query, key)``."""
-    half = cos_cache.shape[-1]
-    head_dim = 2 * half
+def _check(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+) -> None:
+    head_dim = 2 * cos_cache.shape[-1]
     num_tokens = query.shape[0]
     if query.dim() != 2 or key.dim() != 2 or key.shape[0] != num_tokens:
         raise ValueError(
@@ -125,20 +155,46 @@ def apply_rotary(
         raise ValueError("cos_cache and sin_cache must have the same shape and strides")
     if positions.dim() != 1 or positions.shape[0] != num_tokens:
         raise ValueError(f"positions must be [{num_tokens}], got {tuple(positions.shape)}")
-    if positions.stride(0) != 1:
-        positions = positions.contiguous()
-    if query.stride(1) != 1:
-        query = query.contiguous()
-    if key.stride(1) != 1:
-        key = key.contiguous()
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    k_out: torch.Tensor | None,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Rotate into a new q (returned) and ``k_out``, or with ``cache = (value, k_cache,
+    v_cache, slot_mapping)`` store the rotated key and the value in the paged cache."""
+    _check(positions, query, key, cos_cache, sin_cache)
+    half = cos_cache.shape[-1]
+    head_dim = 2 * half
+    num_tokens = query.shape[0]
+    positions = _last_contiguous(positions)
+    query, key = _last_contiguous(query), _last_contiguous(key)
     if cos_cache.stride(1) != 1:
         cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     num_q_heads, num_kv_heads = query.shape[1] // head_dim, key.shape[1] // head_dim
-    num_heads = num_q_heads + num_kv_heads
+    num_heads = num_q_heads + num_kv_heads * (1 if cache is None else 2)
     if num_tokens == 0 or num_heads == 0:
-        return q_out, k_out
+        return q_out
+    if cache is None:
+        assert k_out is not None
+        value, k_cache, v_cache, slots = key, k_out, k_out, positions
+        cache_strides = (0, 0, 0)
+        block_size = 1
+    else:
+        value, k_cache, v_cache, slots = cache
+        value = _last_contiguous(value)
+        cache_strides = tuple(k_cache.stride()[:3])
+        block_size = int(k_cache.shape[1])
     block_half = triton.next_power_of_2(half)
     block_h = max(1, min(_TILE // block_half, triton.next_power_of_2(num_heads)))
     use_pdl = pdl(query)
@@ -146,20 +202,75 @@ def apply_rotary(
         positions,
         query,
         key,
+        value,
         cos_cache,
         sin_cache,
         q_out,
-        k_out,
+        k_out if k_out is not None else q_out,
+        k_cache,
+        v_cache,
+        slots,
         num_q_heads,
         num_kv_heads,
         query.stride(0),
         key.stride(0),
+        value.stride(0),
         cos_cache.stride(0),
+        *cache_strides,
+        block_size,
         HALF=half,
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
+        WRITE_KV=cache is not None,
         USE_PDL=use_pdl,
         launch_pdl=use_pdl,
         num_warps=4,
     )
+    return q_out
+
+
+def apply_rotary(
+    positions: torch.Tensor,  # [T]
+    query: torch.Tensor,  # [T, nH * hd]
+    key: torch.Tensor,  # [T, nKV * hd]
+    cos_cache: torch.Tensor,  # [P, hd/2] float32
+    sin_cache: torch.Tensor,  # [P, hd/2] float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary_ref`` in one launch; returns new contiguous ``(query, key)``."""
+    k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    q_out = _launch(positions, query, key, cos_cache, sin_cache, k_out, None)
     return q_out, k_out
+
+
+def apply_rotary_write_kv(
+    positions: torch.Tensor,  # [T]
+    query: torch.Tensor,  # [T, nH * hd]
+    key: torch.Tensor,  # [T, nKV * hd]
+    value: torch.Tensor,  # [T, nKV * hd]
+    cos_cache: torch.Tensor,  # [P, hd/2] float32
+    sin_cache: torch.Tensor,  # [P, hd/2] float32
+    k_cache: torch.Tensor,  # [N, bs, nKV, hd]
+    v_cache: torch.Tensor,  # [N, bs, nKV, hd]
+    slot_mapping: torch.Tensor,  # [T] int; < 0 = skip
+) -> torch.Tensor:
+    """``rotary_ref`` and the attention backends' ``write_kv`` of the rotated key and the value
+    in one launch; returns the rotated query (new, contiguous) and writes no key tensor."""
+    if value.shape != key.shape or value.dtype != key.dtype:
+        raise ValueError(f"value {tuple(value.shape)} must match key {tuple(key.shape)}")
+    head_dim = 2 * cos_cache.shape[-1]
+    n_kv = key.shape[1] // head_dim if key.dim() == 2 else -1
+    if (
+        k_cache.dim() != 4
+        or k_cache.shape != v_cache.shape
+        or k_cache.stride() != v_cache.stride()
+        or tuple(k_cache.shape[2:]) != (n_kv, head_dim)
+        or k_cache.stride(-1) != 1
+    ):
+        raise ValueError(
+            f"the KV cache must be two [N, bs, {n_kv}, {head_dim}] tensors with the same "
+            f"strides and a contiguous last dimension, got {tuple(k_cache.shape)}"
+        )
+    if slot_mapping.dim() != 1 or slot_mapping.shape[0] != query.shape[0]:
+        raise ValueError(f"slot_mapping must be [{query.shape[0]}]")
+    cache = (value, k_cache, v_cache, slot_mapping)
+    return _launch(positions, query, key, cos_cache, sin_cache, None, cache)

@@ -15,6 +15,8 @@ Kernels:
   GEMM of each of the token's k experts in turn, in one flattened loop over (expert, K step)
   so the loads stay pipelined across experts, and sums them in registers: no ``y``, no combine.
 
+One token with its router goes through ``triton_moe_token.py`` instead (three launches).
+
 Two schedules, chosen per batch by ``tile_config``. Grouped (``pair_major=False``): the pairs
 are sorted by expert into blocks of ``BLOCK_M`` rows (``triton_routing.align_block_size``);
 each block's weight tile is read once for up to ``BLOCK_M`` pairs. Pair-major (a few tokens):
@@ -42,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from outrider.kernels.moe import triton_moe_token
 from outrider.kernels.moe.fp8 import FP8_DTYPE
 from outrider.kernels.moe.torch_ref import TorchMoeBackend
 from outrider.kernels.moe.triton_routing import align_block_size, select_experts
@@ -533,6 +536,9 @@ class TritonMoeBackend(TorchMoeBackend):
     cuda_graph_safe = True
     select_experts = staticmethod(select_experts)
     fused_moe = staticmethod(fused_moe)
+    # NOTE: one token, router included, in three launches (triton_moe_token.py).
+    token_moe_applies = staticmethod(triton_moe_token.applies)
+    token_moe = staticmethod(triton_moe_token.token_moe)
 
 
 BACKEND = TritonMoeBackend()

@@ -1,8 +1,9 @@
 """Triton MoE routing (softmax → top-k → renormalise) and the block alignment of the pairs.
 
 * ``_topk_softmax_kernel``: one program per tile of tokens computes ``torch_ref.select_experts``
-  in one launch: float32 softmax over the experts, the top k by repeated argmax (the smallest
-  expert index wins a tie), and the optional renormalisation of the k weights.
+  in one launch (``softmax_topk``, which the one-token path in ``triton_moe_token.py`` shares):
+  float32 softmax over the experts, the top k by repeated argmax (the smallest expert index wins
+  a tie), and the optional renormalisation of the k weights.
 * ``_align_kernel``: one program groups the ``T * k`` token-expert pairs by expert into blocks
   of ``BLOCK_M`` rows, exactly as ``torch_ref.align_block_size``: per-expert counts, block
   offsets (a cumsum over experts), ``expert_ids`` per block, then each pair's slot (its expert's
@@ -29,6 +30,39 @@ _ALIGN_TILE = 16384  # elements of one [pairs, experts] one-hot tile in the alig
 
 
 @triton.jit
+def softmax_topk(
+    logits,
+    row_ok,
+    cols,
+    col_ok,
+    TOP_K: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``torch_ref.select_experts`` of float32 ``logits [BT, BE]`` (``-inf`` past the experts):
+    ``(top_w [BT, BLOCK_K] float32, top_i [BT, BLOCK_K] int32)``, columns past ``TOP_K`` zero."""
+    row_max = tl.max(logits, axis=1)
+    row_max = tl.where(row_ok, row_max, 0.0)  # rows past the end stay finite
+    p = tl.exp(logits - row_max[:, None])
+    total = tl.where(row_ok, tl.sum(p, axis=1), 1.0)
+    probs = p / total[:, None]
+    # NOTE: padding columns sit below every probability, so they are never picked.
+    probs = tl.where(col_ok[None, :], probs, -1.0)
+    kcols = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros((logits.shape[0], BLOCK_K), dtype=tl.float32)
+    top_i = tl.zeros((logits.shape[0], BLOCK_K), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(probs, axis=1)  # [BT]
+        idx = tl.min(tl.where(probs == best[:, None], cols[None, :], logits.shape[1]), axis=1)
+        top_w = tl.where(kcols[None, :] == j, best[:, None], top_w)
+        top_i = tl.where(kcols[None, :] == j, idx[:, None], top_i)
+        probs = tl.where(cols[None, :] == idx[:, None], -2.0, probs)
+    if RENORMALIZE:
+        top_w = top_w / tl.where(row_ok, tl.sum(top_w, axis=1), 1.0)[:, None]
+    return top_w, top_i
+
+
+@triton.jit
 def _topk_softmax_kernel(
     logits_ptr,
     weights_ptr,
@@ -49,24 +83,8 @@ def _topk_softmax_kernel(
     ptrs = logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :]
     logits = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
     logits = tl.where(col_ok[None, :], logits.to(tl.float32), float("-inf"))  # [BT, BE]
-    row_max = tl.max(logits, axis=1)
-    row_max = tl.where(row_ok, row_max, 0.0)  # rows past the end stay finite
-    p = tl.exp(logits - row_max[:, None])
-    total = tl.where(row_ok, tl.sum(p, axis=1), 1.0)
-    probs = p / total[:, None]
-    # NOTE: padding columns sit below every probability, so they are never picked.
-    probs = tl.where(col_ok[None, :], probs, -1.0)
+    top_w, top_i = softmax_topk(logits, row_ok, cols, col_ok, TOP_K, RENORMALIZE, BLOCK_K)
     kcols = tl.arange(0, BLOCK_K)
-    top_w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-    top_i = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(probs, axis=1)  # [BT]
-        idx = tl.min(tl.where(probs == best[:, None], cols[None, :], BLOCK_E), axis=1)  # [BT]
-        top_w = tl.where(kcols[None, :] == j, best[:, None], top_w)
-        top_i = tl.where(kcols[None, :] == j, idx[:, None], top_i)
-        probs = tl.where(cols[None, :] == idx[:, None], -2.0, probs)
-    if RENORMALIZE:
-        top_w = top_w / tl.where(row_ok, tl.sum(top_w, axis=1), 1.0)[:, None]
     out = rows[:, None].to(tl.int64) * TOP_K + kcols[None, :]
     mask = row_ok[:, None] & (kcols[None, :] < TOP_K)
     tl.store(weights_ptr + out, top_w, mask=mask)

@@ -254,6 +254,88 @@ def test_rotary_same_tensor_as_query_and_key(dtype: torch.dtype, gen: torch.Gene
     check_rotary(out_k, ref_k, mag, "rotary k")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=str)
+def test_rotary_write_kv_matches_rotary_then_write_kv(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, gen: torch.Generator
+) -> None:
+    """One launch gives apply_rotary's query, and the cache holds exactly what apply_rotary's
+    key and the value give through write_kv: the token's slot written, slots < 0 skipped, every
+    other slot untouched."""
+    from outrider.kernels.attention.torch_ref import write_kv
+
+    t, nh, nkv, hd = shape
+    rope = rope_table(hd, 4096)
+    qkv = rand(gen, t, (nh + 2 * nkv) * hd, dtype=dtype, scale=2.0)
+    q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+    positions = torch.randint(0, 4096, (t,), generator=gen).to(DEVICE)
+    block_size, num_blocks = 16, t // 8 + 3
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:t]
+    slots[torch.rand(t, generator=gen) < 0.25] = -1  # padding tokens write nothing
+    slots = slots.to(DEVICE)
+    kc, vc = (rand(gen, num_blocks, block_size, nkv, hd, dtype=dtype) for _ in range(2))
+    caches = [kc, vc, kc.clone(), vc.clone()]
+    want_q, want_k = fused_rotary.apply_rotary(positions, q, k, rope.cos_cache, rope.sin_cache)
+    write_kv(want_k.view(t, nkv, hd), v.reshape(t, nkv, hd), caches[0], caches[1], slots)
+    got_q = fused_rotary.apply_rotary_write_kv(
+        positions, q, k, v, rope.cos_cache, rope.sin_cache, caches[2], caches[3], slots
+    )
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(caches[2], caches[0]), "key cache"
+    assert torch.equal(caches[3], caches[1]), "value cache"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_layer_writes_kv_in_the_rotary_launch(
+    dtype: torch.dtype, gen: torch.Generator
+) -> None:
+    """Attention.forward_rotary through the fused launch equals rotary, then the backend's own
+    write and attend: same output, same caches."""
+    from outrider.kernels.attention.metadata import AttentionMetadata
+    from outrider.kernels.attention.torch_ref import TorchAttentionBackend
+    from outrider.workers.forward_context import ForwardContext, forward_context
+    from outrider.workers.layers.attention import Attention
+
+    nh, nkv, hd, block_size = 4, 2, 16, 16
+    ctx_lens, q_lens = [5, 0, 20], [1, 3, 2]
+    t = sum(q_lens)
+    rope = rope_table(hd, 256).to(DEVICE)
+    qkv = rand(gen, t, (nh + 2 * nkv) * hd, dtype=dtype)
+    q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+    seq_lens = [c + n for c, n in zip(ctx_lens, q_lens, strict=True)]
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx_lens, q_lens, strict=True)])
+    tables = torch.arange(6).view(3, 2)  # two blocks per sequence
+    slots = torch.tensor(
+        [
+            int(tables[b, p // block_size]) * block_size + p % block_size
+            for b in range(len(q_lens))
+            for p in range(ctx_lens[b], seq_lens[b])
+        ]
+    )
+    starts = torch.tensor([0] + q_lens).cumsum(0)
+    md = AttentionMetadata(
+        slot_mapping=slots.to(DEVICE),
+        query_start_loc=starts.to(DEVICE),
+        seq_lens=torch.tensor(seq_lens).to(DEVICE),
+        block_tables=tables.to(DEVICE),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=q_lens,
+        seq_lens_cpu=seq_lens,
+    )
+    layer = Attention(nh, hd, nkv, scale=hd**-0.5, layer_idx=0)
+    history = rand(gen, 2, 6, block_size, nkv, hd, dtype=dtype)
+    outs, caches = [], []
+    for fused in (True, False):
+        kv = [(history[0].clone(), history[1].clone())]
+        with forward_context(ForwardContext(md, kv, TorchAttentionBackend())):
+            with on_kernels() if fused else torch_layers():
+                outs.append(layer.forward_rotary(positions.to(DEVICE), q, k, v, rope))
+        caches.append(kv[0])
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    torch.testing.assert_close(outs[0], outs[1], rtol=RTOL[dtype], atol=ATOL)
+
+
 # --- SiLU · up ----------------------------------------------------------------------------
 
 

@@ -330,3 +330,133 @@ def test_empty_batch_and_bad_shapes() -> None:
         BACKEND.fused_moe(x, w13, w2[:, :, :16], weights, ids)
     with pytest.raises(ValueError, match="both `w13_scale` and `w2_scale`"):
         BACKEND.fused_moe(x, w13, w2, weights, ids, w13_scale=torch.ones(4, 64, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------------------------
+# One token with its router (triton_moe_token.py)
+# ---------------------------------------------------------------------------------------------
+if INTERPRET:
+    TOKEN_CASES = [(8, 2, 64, 32), (16, 4, 48, 24), (6, 3, 40, 20)]  # (E, k, H, I)
+else:
+    TOKEN_CASES = [(8, 2, 256, 128), (16, 4, 200, 72), (128, 8, 2048, 768), (60, 4, 1000, 40)]
+
+
+def token_case(
+    gen: torch.Generator, e: int, k: int, hidden: int, inter: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    case = make_case(gen, 1, e, k, hidden, inter, dtype)
+    # NOTE: a router whose logits are spaced well apart (no near-ties for a different
+    # summation order to flip), scaled to O(1).
+    gate = torch.randn(e, hidden, generator=gen) / hidden**0.5
+    x = case["x"].double()
+    spread = (torch.randperm(e, generator=gen).double() - e / 2) * 0.25
+    gate += (spread - (x @ gate.double().T)[0])[:, None].float() * x.float() / x.norm() ** 2
+    return {**case, "gate": gate.to(dtype)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("shape", TOKEN_CASES, ids=lambda s: f"e{s[0]}k{s[1]}h{s[2]}i{s[3]}")
+def test_token_moe_matches_reference(
+    shape: tuple[int, int, int, int], renormalize: bool, dtype: torch.dtype, gen: torch.Generator
+) -> None:
+    """Router, top-k and both GEMVs in three launches against select_experts + moe_reference."""
+    from outrider.kernels.moe.triton_moe_token import token_moe
+
+    e, k, hidden, inter = shape
+    case = token_case(gen, e, k, hidden, inter, dtype)
+    c = on_device(case)
+    logits = (c["x"] @ c["gate"].T).to(torch.float32)  # [1, E]
+    want_w, want_ids = torch_ref.select_experts(logits.cpu(), k, renormalize)
+    out = torch.full_like(c["x"], float("nan"))
+    got, weights, ids = token_moe(c["x"], c["gate"], c["w13"], c["w2"], k, renormalize, out=out)
+    assert got is out
+    assert torch.equal(ids.cpu(), want_ids), (ids, want_ids)
+    torch.testing.assert_close(weights.cpu(), want_w, rtol=1e-5, atol=1e-6)
+    check_out(out, reference({**case, "weights": want_w, "ids": want_ids}), dtype)
+
+
+def test_token_moe_layer_dispatch(gen: torch.Generator) -> None:
+    """Qwen3's block sends one token through token_moe (three launches) and more tokens through
+    select_experts + fused_moe; both agree with the reference, and the switch turns it off."""
+    from transformers import Qwen3MoeConfig
+
+    from outrider.kernels.fused.dispatch import fused_on_cpu
+    from outrider.kernels.moe import triton_moe_token
+    from outrider.workers.models.qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    e, k, hidden, inter = TOKEN_CASES[1]
+    cfg = Qwen3MoeConfig(
+        hidden_size=hidden, moe_intermediate_size=inter, num_experts=e, num_experts_per_tok=k,
+        norm_topk_prob=True,
+    )  # fmt: skip
+    block = Qwen3MoeSparseMoeBlock(cfg, "triton").to(device=DEVICE, dtype=HALF)
+    case = token_case(gen, e, k, hidden, inter, HALF)
+    block.gate.weight.data.copy_(case["gate"])
+    block.experts.w13_weight.data.copy_(case["w13"])
+    block.experts.w2_weight.data.copy_(case["w2"])
+    calls = []
+    real = triton_moe_token.token_moe
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    block.experts.kernel.token_moe = spy  # the instance attribute shadows the class's
+    ctx = fused_on_cpu() if INTERPRET else torch.inference_mode()
+    try:
+        with ctx, torch.inference_mode():
+            x = case["x"].to(DEVICE)
+            one = block(x)
+            assert calls == [1]
+            os.environ["OUTRIDER_MOE_TOKEN_PATH"] = "0"
+            general = block(x)
+            assert calls == [1]
+    finally:
+        os.environ.pop("OUTRIDER_MOE_TOKEN_PATH", None)
+        del block.experts.kernel.token_moe
+    logits = (case["x"].to(DEVICE) @ case["gate"].to(DEVICE).T).float().cpu()
+    weights, ids = torch_ref.select_experts(logits, k, renormalize=True)
+    ref = reference({**case, "weights": weights, "ids": ids})
+    check_out(one, ref, HALF)
+    check_out(general, ref, HALF)
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
+def test_token_moe_graph_replays_with_new_inputs(gen: torch.Generator) -> None:
+    from outrider.kernels.moe.triton_moe_token import token_moe
+
+    e, k, hidden, inter = TOKEN_CASES[2]
+    c = on_device(token_case(gen, e, k, hidden, inter, torch.bfloat16))
+    x, gate = c["x"], c["gate"]
+
+    def step() -> torch.Tensor:
+        return token_moe(x, gate, c["w13"], c["w2"], k, True)[0]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, generator=gen).to(x.dtype))
+        graph.replay()
+        assert torch.equal(captured, step())
+
+
+def test_token_moe_refuses_bad_inputs() -> None:
+    from outrider.kernels.moe.triton_moe_token import token_moe
+
+    x = torch.zeros(2, 64, dtype=HALF, device=DEVICE)
+    w13 = torch.zeros(4, 64, 64, dtype=HALF, device=DEVICE)
+    w2 = torch.zeros(4, 64, 32, dtype=HALF, device=DEVICE)
+    gate = torch.zeros(4, 64, dtype=HALF, device=DEVICE)
+    with pytest.raises(ValueError, match=r"token_moe takes x \[1, 64\]"):
+        token_moe(x, gate, w13, w2, 2, True)
+    with pytest.raises(ValueError, match="the router must be"):
+        token_moe(x[:1], gate[:3], w13, w2, 2, True)
+    with pytest.raises(ValueError, match="`top_k` must be in"):
+        token_moe(x[:1], gate, w13, w2, 5, True)

@@ -1,11 +1,14 @@
-"""Attention layer: writes new K/V into the paged cache and attends through the chosen backend."""
+"""Attention layer: writes new K/V into the paged cache and attends through the chosen backend
+(the rotary kernel may do the write: `forward_rotary`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from outrider.kernels.attention.torch_ref import TorchAttentionBackend
 from outrider.workers.forward_context import get_forward_context
+from outrider.workers.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -29,3 +32,29 @@ class Attention(nn.Module):
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         out = ctx.attn_backend.forward(q, k, v, k_cache, v_cache, ctx.attn_metadata, self.scale)
         return out.reshape(t, self.num_heads * self.head_dim)
+
+    def forward_rotary(
+        self,
+        positions: torch.Tensor,  # [T]
+        q: torch.Tensor,  # [T, nH * hd]
+        k: torch.Tensor,  # [T, nKV * hd]
+        v: torch.Tensor,  # [T, nKV * hd]
+        rotary: RotaryEmbedding,
+    ) -> torch.Tensor:
+        """``forward(*rotary(positions, q, k), v)``. Where the fused rotary kernel runs and the
+        backend's forward is the plain write-then-attend, that kernel also stores k and v in the
+        paged cache (one launch fewer per layer) and the backend only attends."""
+        ctx = get_forward_context()
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        backend = ctx.attn_backend
+        if type(backend).forward is TorchAttentionBackend.forward and rotary.writes_kv(
+            q, k, k_cache
+        ):
+            md = ctx.attn_metadata
+            q = rotary.forward_write_kv(positions, q, k, v, k_cache, v_cache, md.slot_mapping)
+            t = q.shape[0]
+            q3 = q.view(t, self.num_heads, self.head_dim)  # [T, nH, hd]
+            out = backend.attend(q3, k_cache, v_cache, md, self.scale)
+            return out.reshape(t, self.num_heads * self.head_dim)
+        q, k = rotary(positions, q, k)
+        return self(q, k, v)

@@ -15,6 +15,7 @@ from torch import nn
 from outrider.kernels import registry
 from outrider.kernels.moe.torch_ref import select_experts
 from outrider.workers.distributed import get_tp_group
+from outrider.workers.layers.linear import LinearBase
 
 # checkpoint projection name -> shard id ("w1" gate, "w3" up, "w2" down)
 EXPERT_SHARD_IDS: dict[str, str] = {
@@ -107,6 +108,27 @@ class FusedMoE(nn.Module):
         out = self.kernel.fused_moe(
             hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids
         )  # [T, H]
-        if self.tp_size > 1:
-            out = get_tp_group().all_reduce(out)
-        return out
+        return self._all_reduce(out)
+
+    def route_and_forward(self, hidden_states: torch.Tensor, gate: LinearBase) -> torch.Tensor:
+        """``forward(hidden_states, gate(hidden_states))``; one token takes the backend's own
+        path with the router inside (``token_moe``) where the backend has one for the call."""
+        applies = getattr(self.kernel, "token_moe_applies", None)
+        if (
+            applies is not None
+            and gate.bias is None
+            and applies(hidden_states, gate.weight, self.w13_weight)
+        ):
+            out, _, _ = self.kernel.token_moe(
+                hidden_states,
+                gate.weight,
+                self.w13_weight,
+                self.w2_weight,
+                self.top_k,
+                self.renormalize,
+            )  # [1, H]
+            return self._all_reduce(out)
+        return self(hidden_states, gate(hidden_states))
+
+    def _all_reduce(self, out: torch.Tensor) -> torch.Tensor:
+        return get_tp_group().all_reduce(out) if self.tp_size > 1 else out

@@ -83,19 +83,50 @@ class RotaryEmbedding(nn.Module):
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return out.view(t, -1)
 
+    def _fused(self, query: torch.Tensor, key: torch.Tensor) -> bool:
+        return (
+            use_fused(query)
+            and query.dim() == 2
+            and key.dim() == 2
+            and key.dtype == query.dtype
+            and self.cos_cache.device == query.device
+        )
+
+    def writes_kv(self, query: torch.Tensor, key: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        """Whether ``forward_write_kv`` runs as one fused launch here (host-side checks)."""
+        return (
+            self._fused(query, key)
+            and k_cache.device == query.device
+            and k_cache.dim() == 4
+            and k_cache.stride(-1) == 1
+        )
+
+    def forward_write_kv(
+        self,
+        positions: torch.Tensor,  # [T]
+        query: torch.Tensor,  # [T, nH * hd]
+        key: torch.Tensor,  # [T, nKV * hd]
+        value: torch.Tensor,  # [T, nKV * hd]
+        k_cache: torch.Tensor,  # [N, bs, nKV, hd]
+        v_cache: torch.Tensor,  # [N, bs, nKV, hd]
+        slot_mapping: torch.Tensor,  # [T]; < 0 = not written
+    ) -> torch.Tensor:
+        """The rotated query; the rotated key and the value go to their cache slots, as the
+        attention backends' ``write_kv`` stores them (one Triton launch; ``writes_kv``)."""
+        from outrider.kernels.fused.rotary import apply_rotary_write_kv
+
+        return apply_rotary_write_kv(
+            positions, query, key, value, self.cos_cache, self.sin_cache, k_cache, v_cache,
+            slot_mapping.to(query.device),
+        )  # fmt: skip
+
     def forward(
         self,
         positions: torch.Tensor,  # [T]
         query: torch.Tensor,  # [T, nH * hd]
         key: torch.Tensor,  # [T, nKV * hd]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if (
-            use_fused(query)
-            and query.dim() == 2
-            and key.dim() == 2
-            and key.dtype == query.dtype
-            and self.cos_cache.device == query.device
-        ):
+        if self._fused(query, key):
             # NOTE: q and k in one Triton launch (kernels/fused/rotary.py); new tensors, the
             # same roundings as below.
             from outrider.kernels.fused.rotary import apply_rotary

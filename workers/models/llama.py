@@ -124,8 +124,7 @@ class LlamaAttention(nn.Module):
             t = q.shape[0]
             q = self.q_norm(q.reshape(t, -1, self.head_dim)).view(t, self.q_size)
             k = self.k_norm(k.reshape(t, -1, self.head_dim)).view(t, self.kv_size)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))  # [T, H]
+        return self.o_proj(self.attn.forward_rotary(positions, q, k, v, self.rotary_emb))  # [T, H]
 
 
 class LlamaDecoderLayer(nn.Module):

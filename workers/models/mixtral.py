@@ -30,7 +30,7 @@ class MixtralSparseMoeBlock(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden_states, self.gate(hidden_states))  # [T, H]
+        return self.experts.route_and_forward(hidden_states, self.gate)  # [T, H]
 
 
 class MixtralForCausalLM(LlamaForCausalLM):

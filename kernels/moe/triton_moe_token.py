@@ -1,0 +1,343 @@
+"""One token's routed MoE block in three launches: split-K router, gate/up with its own top-k,
+down GEMVs summed over the experts.
+
+A decode step of one sequence sends one token through every MoE block. Its work is k GEMVs over
+k distinct experts (Qwen3-30B-A3B: 8 of 128 experts, 75 MB of weights, and a 0.5 MB router);
+the general path (``triton_moe.py``) spends six launches on it (router GEMM, top-k, block
+alignment, gate/up, down, combine), and at one token every launch's ramp and tail cost more
+than its work. Here:
+
+* ``_router_kernel``: one program per (``BLOCK_E`` experts, ``BLOCK_K`` columns of H) writes
+  its partial logits in float32, ``parts [S, E]`` with ``S = cdiv(H, BLOCK_K)``: 128 small
+  programs instead of a GEMV over 16. Its weight tile is loaded before the PDL wait (weights
+  never depend on the previous kernel).
+* ``_gate_up_kernel``: one program per (pair ``j``, ``BLOCK_N`` columns of I) sums the S
+  partial logits, rounds them to the activation dtype (as the router's linear layer returns
+  them) and runs ``select_experts``' softmax and top-k (``triton_routing.softmax_topk``, the
+  same code) to find the pair's expert; program (0, 0) writes ``topk_weights`` and
+  ``topk_ids``. Then the expert's gate and up GEMVs over H: ``act[j] = silu(gate) * up``,
+  stored in the activation dtype.
+* ``_down_kernel``: one program per ``BLOCK_N`` columns of H runs the k down GEMVs in one
+  flattened loop over (expert, K step), so the loads stay pipelined across experts. Each
+  activation is scaled by its routing weight as it is loaded, so one float32 accumulator sums
+  every expert: the output row, without a combine.
+
+One row needs no tensor cores: products accumulate in ``[BLOCK_N, BLOCK_K]`` float32 tiles, as
+the skinny GEMM's one-row path does. Results are deterministic (fixed reduction trees, no
+atomics); grids come from host integers, so the three launches capture in a CUDA graph. The
+kernels use PDL like the other decode kernels (``kernels/fused/pdl.py``). fp8 weights, more
+than one token, and tensors that autograd tracks take the general path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from outrider.kernels.fused.dispatch import pdl, use_fused
+from outrider.kernels.fused.pdl import pdl_prologue
+from outrider.kernels.moe.triton_routing import softmax_topk
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_MAX_EXPERTS = 1024
+_MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class TokenMoeConfig:
+    router_block_e: int  # experts per router program
+    router_block_k: int  # columns of H per router program (one tile)
+    block_n1: int  # gate/up: columns of I per program (each for gate and for up)
+    block_k1: int  # gate/up: K step over H
+    block_n2: int  # down: columns of H per program
+    block_k2: int  # down: K step over I
+    num_warps: int
+    stages1: int
+    stages2: int
+
+
+# NOTE: sm_90 choice from benchmarks/gpu_moe.py --token-sweep on an H200 (Qwen3-30B-A3B block,
+# CUDA-graph replays): narrow N tiles so that every SM holds several streaming programs.
+DEFAULT_CONFIG = TokenMoeConfig(8, 256, 8, 512, 8, 256, 4, 4, 4)
+# NOTE: float32 (tests, the interpreter) keeps tiles small.
+_FLOAT32 = TokenMoeConfig(8, 64, 8, 64, 8, 64, 4, 2, 2)
+
+
+def enabled() -> bool:
+    """``OUTRIDER_MOE_TOKEN_PATH=0`` sends one token through the general path as well."""
+    return os.environ.get("OUTRIDER_MOE_TOKEN_PATH", "1") != "0"
+
+
+def applies(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor) -> bool:
+    """True when ``token_moe`` runs this call (host-side checks only)."""
+    return (
+        enabled()
+        and x.dim() == 2
+        and x.shape[0] == 1
+        and use_fused(x)
+        and x.dtype in _DTYPES
+        and gate_weight.dtype == x.dtype
+        and w13.dtype == x.dtype
+        and not gate_weight.requires_grad
+        and gate_weight.shape[0] <= _MAX_EXPERTS
+        and gate_weight.device == x.device
+    )
+
+
+@triton.jit
+def _router_kernel(
+    x_ptr,
+    w_ptr,
+    parts_ptr,
+    num_experts,
+    hidden,
+    stride_we,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    pid_e = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    experts = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = experts < num_experts
+    cols = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = cols < hidden
+    w_ptrs = w_ptr + experts.to(tl.int64)[:, None] * stride_we + cols[None, :]  # [BE, BK]
+    w = tl.load(w_ptrs, mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+    pdl_prologue(USE_PDL)
+    a = tl.load(x_ptr + cols, mask=k_ok, other=0.0)  # [BK]
+    part = tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)  # [BE]
+    tl.store(parts_ptr + pid_s * num_experts + experts, part, mask=e_ok)
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr,
+    parts_ptr,
+    w_ptr,
+    act_ptr,
+    topk_w_ptr,
+    topk_ids_ptr,
+    num_experts,
+    num_splits,
+    inter,
+    hidden,
+    stride_we,
+    stride_wn,
+    TOP_K: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_TOP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    j = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pdl_prologue(USE_PDL)
+    # routing: the router's logits as its linear layer would return them, then select_experts
+    splits = tl.arange(0, BLOCK_S)
+    cols_e = tl.arange(0, BLOCK_E)
+    e_ok = cols_e < num_experts
+    p_ptrs = parts_ptr + splits[:, None] * num_experts + cols_e[None, :]  # [BS, BE]
+    parts = tl.load(p_ptrs, mask=(splits < num_splits)[:, None] & e_ok[None, :], other=0.0)
+    logits = tl.sum(parts, axis=0).to(x_ptr.dtype.element_ty).to(tl.float32)  # [BE]
+    logits = tl.where(e_ok, logits, float("-inf"))[None, :]  # [1, BE]
+    one = tl.arange(0, 1) == 0
+    top_w, top_i = softmax_topk(logits, one, cols_e, e_ok, TOP_K, RENORMALIZE, BLOCK_TOP)
+    kcols = tl.arange(0, BLOCK_TOP)
+    expert = tl.sum(tl.where(kcols[None, :] == j, top_i, 0)).to(tl.int64)
+    if (j == 0) & (pid_n == 0):
+        k_ok = (kcols < TOP_K)[None, :]
+        tl.store(topk_w_ptr + kcols[None, :], top_w, mask=k_ok)
+        tl.store(topk_ids_ptr + kcols[None, :], top_i.to(tl.int64), mask=k_ok)
+    # the pair's gate and up GEMVs over H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < inter
+    ks = tl.arange(0, BLOCK_K)
+    g_rows = w_ptr + expert * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+    u_rows = g_rows + inter * stride_wn
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        cols = k0 + ks
+        if EVEN_K:
+            g = tl.load(g_rows + cols[None, :], mask=n_ok[:, None], other=0.0)  # [BN, BK]
+            u = tl.load(u_rows + cols[None, :], mask=n_ok[:, None], other=0.0)
+            a = tl.load(x_ptr + cols)  # [BK]
+        else:
+            k_ok = cols < hidden
+            g = tl.load(g_rows + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            u = tl.load(u_rows + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(x_ptr + cols, mask=k_ok, other=0.0)
+        af = a.to(tl.float32)[None, :]
+        acc_g += g.to(tl.float32) * af
+        acc_u += u.to(tl.float32) * af
+    gate = tl.sum(acc_g, axis=1)  # [BN]
+    up = tl.sum(acc_u, axis=1)
+    act = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up
+    tl.store(act_ptr + j * inter + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _down_kernel(
+    act_ptr,
+    w_ptr,
+    topk_w_ptr,
+    topk_ids_ptr,
+    out_ptr,
+    hidden,
+    inter,
+    stride_we,
+    stride_wn,
+    TOP_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pdl_prologue(USE_PDL)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hidden
+    w_rows = offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+    ks = tl.arange(0, BLOCK_K)
+    num_k = tl.cdiv(inter, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for it in range(0, TOP_K * num_k):
+        j = it // num_k
+        cols = (it - j * num_k) * BLOCK_K + ks
+        expert = tl.load(topk_ids_ptr + j).to(tl.int64)
+        weight = tl.load(topk_w_ptr + j)
+        w_ptrs = w_ptr + expert * stride_we + w_rows + cols[None, :]  # [BN, BK]
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            a = tl.load(act_ptr + j * inter + cols)  # [BK]
+        else:
+            k_ok = cols < inter
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(act_ptr + j * inter + cols, mask=k_ok, other=0.0)
+        # NOTE: the routing weight scales the activation, so one sum covers every expert.
+        acc += w.to(tl.float32) * (a.to(tl.float32) * weight)[None, :]
+    out = tl.sum(acc, axis=1)  # [BN]
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def token_moe(
+    x: torch.Tensor,  # [1, H]
+    gate_weight: torch.Tensor,  # [E, H] the router
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    top_k: int,
+    renormalize: bool,
+    *,
+    config: TokenMoeConfig | None = None,
+    out: torch.Tensor | None = None,  # [1, H], written in full
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fused_moe(x, w13, w2, *select_experts(x @ gate_weight.T, top_k, renormalize))`` for
+    one token in three launches; returns ``(out [1, H], topk_weights [1, k] float32,
+    topk_ids [1, k] int64)``."""
+    num_experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != hidden:
+        raise ValueError(f"token_moe takes x [1, {hidden}], got {tuple(x.shape)}")
+    if tuple(gate_weight.shape) != (num_experts, hidden):
+        raise ValueError(
+            f"the router must be [{num_experts}, {hidden}], got {tuple(gate_weight.shape)}"
+        )
+    if two_inter % 2 or tuple(w2.shape) != (num_experts, hidden, inter):
+        raise ValueError(
+            f"MoE shapes disagree: w13 {tuple(w13.shape)} (want [E, 2I, H]), "
+            f"w2 {tuple(w2.shape)} (want [E, H, I])"
+        )
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"`top_k` must be in [1, {num_experts}], got {top_k}")
+    for name, w in (("gate_weight", gate_weight), ("w13", w13), ("w2", w2)):
+        if w.dtype != x.dtype:
+            raise ValueError(f"`{name}` must be {x.dtype} here, got {w.dtype}")
+        if w.stride(-1) != 1:
+            raise ValueError(f"`{name}` needs a contiguous last dimension")
+    cfg = config or (_FLOAT32 if x.dtype == torch.float32 else DEFAULT_CONFIG)
+    dev = x.device
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty((1, hidden), dtype=x.dtype, device=dev)
+    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError("`out` must be a contiguous [1, H] tensor in x.dtype")
+    num_splits = triton.cdiv(hidden, cfg.router_block_k)
+    if num_splits > _MAX_SPLITS:
+        raise ValueError(
+            f"the router splits H={hidden} into {num_splits} > {_MAX_SPLITS} parts; "
+            f"raise `router_block_k` (now {cfg.router_block_k})"
+        )
+    parts = torch.empty((num_splits, num_experts), dtype=torch.float32, device=dev)  # [S, E]
+    weights = torch.empty((1, top_k), dtype=torch.float32, device=dev)  # [1, k]
+    ids = torch.empty((1, top_k), dtype=torch.int64, device=dev)  # [1, k]
+    act = torch.empty((top_k, inter), dtype=x.dtype, device=dev)  # [k, I]
+    use_pdl = pdl(x)
+    _router_kernel[(triton.cdiv(num_experts, cfg.router_block_e), num_splits)](
+        x,
+        gate_weight,
+        parts,
+        num_experts,
+        hidden,
+        gate_weight.stride(0),
+        BLOCK_E=cfg.router_block_e,
+        BLOCK_K=cfg.router_block_k,
+        USE_PDL=use_pdl,
+        num_warps=4,
+        launch_pdl=use_pdl,
+    )
+    _gate_up_kernel[(top_k, triton.cdiv(inter, cfg.block_n1))](
+        x,
+        parts,
+        w13,
+        act,
+        weights,
+        ids,
+        num_experts,
+        num_splits,
+        inter,
+        hidden,
+        w13.stride(0),
+        w13.stride(1),
+        TOP_K=top_k,
+        RENORMALIZE=renormalize,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_E=triton.next_power_of_2(num_experts),
+        BLOCK_TOP=triton.next_power_of_2(top_k),
+        BLOCK_N=cfg.block_n1,
+        BLOCK_K=cfg.block_k1,
+        EVEN_K=hidden % cfg.block_k1 == 0,
+        USE_PDL=use_pdl,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.stages1,
+        launch_pdl=use_pdl,
+    )
+    _down_kernel[(triton.cdiv(hidden, cfg.block_n2),)](
+        act,
+        w2,
+        weights,
+        ids,
+        out,
+        hidden,
+        inter,
+        w2.stride(0),
+        w2.stride(1),
+        TOP_K=top_k,
+        BLOCK_N=cfg.block_n2,
+        BLOCK_K=cfg.block_k2,
+        EVEN_K=inter % cfg.block_k2 == 0,
+        USE_PDL=use_pdl,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.stages2,
+        launch_pdl=use_pdl,
+    )
+    return out, weights, ids
