@@ -14,9 +14,10 @@ than its work. Here:
 * ``_gate_up_kernel``: one program per (pair ``j``, ``BLOCK_N`` columns of I) sums the S
   partial logits, rounds them to the activation dtype (as the router's linear layer returns
   them) and runs ``select_experts``' softmax and top-k (``triton_routing.softmax_topk``, the
-  same code) to find the pair's expert; program (0, 0) writes ``topk_weights`` and
-  ``topk_ids``. Then the expert's gate and up GEMVs over H: ``act[j] = silu(gate) * up``,
-  stored in the activation dtype.
+  same choice: a program needs only its own expert, so it takes one max per rank over packed
+  (value, index) keys, and the softmax runs once, in one extra program that writes
+  ``topk_weights`` and ``topk_ids``). Then the expert's gate and up GEMVs over H:
+  ``act[j] = silu(gate) * up``, stored in the activation dtype.
 * ``_down_kernel``: one program per ``BLOCK_N`` columns of H runs the k down GEMVs in one
   flattened loop over (expert, K step), so the loads stay pipelined across experts. Each
   activation is scaled by its routing weight as it is loaded, so one float32 accumulator sums
@@ -62,7 +63,7 @@ class TokenMoeConfig:
 
 # NOTE: sm_90 choice from benchmarks/gpu_moe.py --token-sweep on an H200 (Qwen3-30B-A3B block,
 # CUDA-graph replays): narrow N tiles so that every SM holds several streaming programs.
-DEFAULT_CONFIG = TokenMoeConfig(8, 256, 8, 512, 8, 256, 4, 4, 4)
+DEFAULT_CONFIG = TokenMoeConfig(8, 256, 16, 256, 4, 256, 4, 5, 4)
 # NOTE: float32 (tests, the interpreter) keeps tiles small.
 _FLOAT32 = TokenMoeConfig(8, 64, 8, 64, 8, 64, 4, 2, 2)
 
@@ -115,6 +116,21 @@ def _router_kernel(
 
 
 @triton.jit
+def _kth_expert(logits, cols, rank, BLOCK_E: tl.constexpr):
+    """The index of the ``rank``-th largest (from 0) of ``logits [BE]`` float32 (``-inf`` past
+    the experts), the smallest index first among equals: ``softmax_topk``'s choice (softmax is
+    monotonic), with one max per rank over unique keys (order-preserving bits of the value
+    above the reversed index)."""
+    bits = logits.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # the floats' order as signed integers
+    keys = (ordered.to(tl.int64) << 32) | (BLOCK_E - 1 - cols).to(tl.int64)  # [BE], unique
+    # NOTE: a taken key drops to the int64 minimum, below every key (-inf's included).
+    for _ in range(rank):
+        keys = tl.where(keys == tl.max(keys, axis=0), -9223372036854775807 - 1, keys)
+    return BLOCK_E - 1 - (tl.max(keys, axis=0) & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr,
     parts_ptr,
@@ -141,22 +157,29 @@ def _gate_up_kernel(
     j = tl.program_id(0)
     pid_n = tl.program_id(1)
     pdl_prologue(USE_PDL)
-    # routing: the router's logits as its linear layer would return them, then select_experts
+    # routing: the router's logits as its linear layer would return them
     splits = tl.arange(0, BLOCK_S)
     cols_e = tl.arange(0, BLOCK_E)
     e_ok = cols_e < num_experts
     p_ptrs = parts_ptr + splits[:, None] * num_experts + cols_e[None, :]  # [BS, BE]
     parts = tl.load(p_ptrs, mask=(splits < num_splits)[:, None] & e_ok[None, :], other=0.0)
     logits = tl.sum(parts, axis=0).to(x_ptr.dtype.element_ty).to(tl.float32)  # [BE]
-    logits = tl.where(e_ok, logits, float("-inf"))[None, :]  # [1, BE]
-    one = tl.arange(0, 1) == 0
-    top_w, top_i = softmax_topk(logits, one, cols_e, e_ok, TOP_K, RENORMALIZE, BLOCK_TOP)
-    kcols = tl.arange(0, BLOCK_TOP)
-    expert = tl.sum(tl.where(kcols[None, :] == j, top_i, 0)).to(tl.int64)
-    if (j == 0) & (pid_n == 0):
-        k_ok = (kcols < TOP_K)[None, :]
-        tl.store(topk_w_ptr + kcols[None, :], top_w, mask=k_ok)
-        tl.store(topk_ids_ptr + kcols[None, :], top_i.to(tl.int64), mask=k_ok)
+    logits = tl.where(e_ok, logits, float("-inf"))
+    n_blocks = tl.cdiv(inter, BLOCK_N)
+    if pid_n == n_blocks:
+        # NOTE: one extra program writes select_experts' weights and ids for the down GEMVs,
+        # so the streaming programs only pick their own expert.
+        if j == 0:
+            one = tl.arange(0, 1) == 0
+            top_w, top_i = softmax_topk(
+                logits[None, :], one, cols_e, e_ok, TOP_K, RENORMALIZE, BLOCK_TOP
+            )
+            kcols = tl.arange(0, BLOCK_TOP)
+            k_ok = (kcols < TOP_K)[None, :]
+            tl.store(topk_w_ptr + kcols[None, :], top_w, mask=k_ok)
+            tl.store(topk_ids_ptr + kcols[None, :], top_i.to(tl.int64), mask=k_ok)
+        return
+    expert = _kth_expert(logits, cols_e, j, BLOCK_E).to(tl.int64)
     # the pair's gate and up GEMVs over H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
@@ -295,7 +318,8 @@ def token_moe(
         num_warps=4,
         launch_pdl=use_pdl,
     )
-    _gate_up_kernel[(top_k, triton.cdiv(inter, cfg.block_n1))](
+    # NOTE: one column block more than I needs: its program (0, last) writes the routing.
+    _gate_up_kernel[(top_k, triton.cdiv(inter, cfg.block_n1) + 1)](
         x,
         parts,
         w13,

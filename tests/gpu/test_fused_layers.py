@@ -332,7 +332,11 @@ def test_attention_layer_writes_kv_in_the_rotary_launch(
             with on_kernels() if fused else torch_layers():
                 outs.append(layer.forward_rotary(positions.to(DEVICE), q, k, v, rope))
         caches.append(kv[0])
-    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    # NOTE: values are copied; keys are rotated by the kernel on one side and by torch on the
+    # other, which may round one unit apart on a GPU (see test_rotary).
+    assert torch.equal(caches[0][1], caches[1][1]), "value cache"
+    torch.testing.assert_close(caches[0][0], caches[1][0], rtol=RTOL[dtype], atol=ATOL)
+    assert torch.equal(caches[0][0] == history[0], caches[1][0] == history[0]), "slots written"
     torch.testing.assert_close(outs[0], outs[1], rtol=RTOL[dtype], atol=ATOL)
 
 

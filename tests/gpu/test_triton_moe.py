@@ -349,7 +349,8 @@ def token_case(
     # summation order to flip), scaled to O(1).
     gate = torch.randn(e, hidden, generator=gen) / hidden**0.5
     x = case["x"].double()
-    spread = (torch.randperm(e, generator=gen).double() - e / 2) * 0.25
+    # NOTE: distinct logits over [-3e, 0.5e]: most negative, as trained routers' logits are.
+    spread = torch.randperm(e, generator=gen).double() * 3.5 - 3 * e
     gate += (spread - (x @ gate.double().T)[0])[:, None].float() * x.float() / x.norm() ** 2
     return {**case, "gate": gate.to(dtype)}
 
