@@ -29,7 +29,8 @@
 # draft-step and context graphs against the eager loop), breakdown (bench-kernels' MoE block and
 # full steps with each step's kernels by device time; breakdown-nopdl: the 8B step with PDL off,
 # so each kernel's time is its own), moe-token (the one-token MoE path's tests
-# and tile sweep, benchmarks/gpu_moe_token.py). STEP@0+1 runs one step on other GPUs
+# and tile sweep, benchmarks/gpu_moe_token.py), ab-moe / ab-tgt (bench_peer with this session's
+# one-token MoE path and rotary KV write off, then on). STEP@0+1 runs one step on other GPUs
 # (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
@@ -121,6 +122,16 @@ run_step() {
       --json "$R/breakdown_moe.json" ;;
     breakdown-nopdl) step breakdown-nopdl env OUTRIDER_PDL=0 $CLI bench-kernels --parts model \
       --model-shape llama8b --json "$R/breakdown_nopdl.json" ;;
+    ab-moe) for v in 0 1; do
+        OUTRIDER_MOE_TOKEN_PATH=$v OUTRIDER_ROTARY_WRITES_KV=$v step "ab-moe-$v" python3 \
+          benchmarks/bench_peer.py --side outrider --peer-dir .peer --targets moe \
+          --batch-sizes 1,8 --json "$R/bench_peer_ab_moe_$v.json"
+      done ;;
+    ab-tgt) for v in 0 1; do
+        OUTRIDER_ROTARY_WRITES_KV=$v step "ab-tgt-$v" python3 benchmarks/bench_peer.py \
+          --side outrider --peer-dir .peer --targets tgt --batch-sizes 1,8 \
+          --json "$R/bench_peer_ab_tgt_$v.json"
+      done ;;
     moe-token) step moe-token-tests $PYTEST -m gpu tests/gpu/test_triton_moe.py -k token
       OUT=$R step moe-token python3 benchmarks/gpu_moe_token.py --sweep ;;
     sweep-attn) OUT=$R step sweep-attn python3 benchmarks/gpu_kernels.py --sweep ;;

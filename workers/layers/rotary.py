@@ -8,6 +8,7 @@ transformers 4 (``rope_theta`` + ``rope_scaling``) and transformers 5 (``rope_pa
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -93,9 +94,11 @@ class RotaryEmbedding(nn.Module):
         )
 
     def writes_kv(self, query: torch.Tensor, key: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        """Whether ``forward_write_kv`` runs as one fused launch here (host-side checks)."""
+        """Whether ``forward_write_kv`` runs as one fused launch here (host-side checks);
+        ``OUTRIDER_ROTARY_WRITES_KV=0`` leaves the write to the attention backend."""
         return (
-            self._fused(query, key)
+            os.environ.get("OUTRIDER_ROTARY_WRITES_KV", "1") != "0"
+            and self._fused(query, key)
             and k_cache.device == query.device
             and k_cache.dim() == 4
             and k_cache.stride(-1) == 1
