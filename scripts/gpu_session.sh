@@ -30,9 +30,7 @@
 # full steps with each step's kernels by device time; breakdown-nopdl: the 8B step with PDL off,
 # so each kernel's time is its own), moe-token (the one-token MoE path's tests
 # and tile sweep, benchmarks/gpu_moe_token.py), ab-moe / ab-tgt (bench_peer with this session's
-# one-token MoE path and rotary KV write off, then on), qwen-b1 (Qwen3 plain and EAGLE-3 at batch 1,
-# fixed and goodput k, with the token MoE path for up to 1 and up to 8 tokens), moe-token-bench
-# (gpu_moe_token.py without the sweep). STEP@0+1 runs one step on other GPUs
+# one-token MoE path and rotary KV write off, then on). STEP@0+1 runs one step on other GPUs
 # (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
@@ -134,12 +132,6 @@ run_step() {
           --side outrider --peer-dir .peer --targets tgt --batch-sizes 1,8 \
           --json "$R/bench_peer_ab_tgt_$v.json"
       done ;;
-    qwen-b1) for pol in fixed goodput; do for m in 1 8; do
-        OUTRIDER_MOE_TOKEN_MAX=$m step "qwen-b1-$pol-$m" python3 benchmarks/bench_peer.py \
-          --side outrider --peer-dir .peer --targets moe --modes plain,eagle3 --batch-sizes 1 \
-          --draft-length-policy $pol --json "$R/bench_peer_qwen_b1_${pol}_$m.json"
-      done; done ;;
-    moe-token-bench) OUT=$R step moe-token-bench python3 benchmarks/gpu_moe_token.py ;;
     moe-token) step moe-token-tests $PYTEST -m gpu tests/gpu/test_triton_moe.py -k token
       OUT=$R step moe-token python3 benchmarks/gpu_moe_token.py --sweep ;;
     sweep-attn) OUT=$R step sweep-attn python3 benchmarks/gpu_kernels.py --sweep ;;

@@ -45,10 +45,6 @@ from outrider.kernels.moe.triton_routing import softmax_topk
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_EXPERTS = 1024
-MAX_TOKENS = 8  # the router unrolls its loop over the tokens
-# NOTE: one token measured faster than the general path on an H200 (benchmarks/gpu_moe_token.py);
-# more tokens stay on it until measured.
-DEFAULT_MAX_TOKENS = 1
 _MAX_SPLITS = 64
 
 
@@ -73,15 +69,8 @@ _FLOAT32 = TokenMoeConfig(8, 64, 8, 64, 8, 64, 4, 2, 2)
 
 
 def enabled() -> bool:
-    """``OUTRIDER_MOE_TOKEN_PATH=0`` sends every batch through the general path."""
+    """``OUTRIDER_MOE_TOKEN_PATH=0`` sends one token through the general path as well."""
     return os.environ.get("OUTRIDER_MOE_TOKEN_PATH", "1") != "0"
-
-
-def max_tokens() -> int:
-    """The largest batch the layers send here: ``OUTRIDER_MOE_TOKEN_MAX`` (at most
-    ``MAX_TOKENS``), else ``DEFAULT_MAX_TOKENS``."""
-    value = int(os.environ.get("OUTRIDER_MOE_TOKEN_MAX", DEFAULT_MAX_TOKENS))
-    return max(0, min(value, MAX_TOKENS))
 
 
 def applies(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor) -> bool:
@@ -89,7 +78,7 @@ def applies(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor) -> bo
     return (
         enabled()
         and x.dim() == 2
-        and 1 <= x.shape[0] <= max_tokens()
+        and x.shape[0] == 1
         and use_fused(x)
         and x.dtype in _DTYPES
         and gate_weight.dtype == x.dtype
@@ -105,12 +94,9 @@ def _router_kernel(
     x_ptr,
     w_ptr,
     parts_ptr,
-    num_tokens,
     num_experts,
     hidden,
-    stride_xt,
     stride_we,
-    BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -122,14 +108,11 @@ def _router_kernel(
     cols = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = cols < hidden
     w_ptrs = w_ptr + experts.to(tl.int64)[:, None] * stride_we + cols[None, :]  # [BE, BK]
-    w = tl.load(w_ptrs, mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_ptrs, mask=e_ok[:, None] & k_ok[None, :], other=0.0)
     pdl_prologue(USE_PDL)
-    for t in tl.static_range(BLOCK_T):
-        if t < num_tokens:
-            a = tl.load(x_ptr + t * stride_xt + cols, mask=k_ok, other=0.0)  # [BK]
-            part = tl.sum(w * a.to(tl.float32)[None, :], axis=1)  # [BE]
-            dst = parts_ptr + (pid_s * num_tokens + t) * num_experts + experts
-            tl.store(dst, part, mask=e_ok)
+    a = tl.load(x_ptr + cols, mask=k_ok, other=0.0)  # [BK]
+    part = tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)  # [BE]
+    tl.store(parts_ptr + pid_s * num_experts + experts, part, mask=e_ok)
 
 
 @triton.jit
@@ -155,12 +138,10 @@ def _gate_up_kernel(
     act_ptr,
     topk_w_ptr,
     topk_ids_ptr,
-    num_tokens,
     num_experts,
     num_splits,
     inter,
     hidden,
-    stride_xt,
     stride_we,
     stride_wn,
     TOP_K: tl.constexpr,
@@ -173,23 +154,21 @@ def _gate_up_kernel(
     EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pair = tl.program_id(0)
+    j = tl.program_id(0)
     pid_n = tl.program_id(1)
-    t = pair // TOP_K
-    j = pair - t * TOP_K
     pdl_prologue(USE_PDL)
-    # routing: token t's router logits as its linear layer would return them
+    # routing: the router's logits as its linear layer would return them
     splits = tl.arange(0, BLOCK_S)
     cols_e = tl.arange(0, BLOCK_E)
     e_ok = cols_e < num_experts
-    p_ptrs = parts_ptr + (splits[:, None] * num_tokens + t) * num_experts + cols_e[None, :]
+    p_ptrs = parts_ptr + splits[:, None] * num_experts + cols_e[None, :]  # [BS, BE]
     parts = tl.load(p_ptrs, mask=(splits < num_splits)[:, None] & e_ok[None, :], other=0.0)
     logits = tl.sum(parts, axis=0).to(x_ptr.dtype.element_ty).to(tl.float32)  # [BE]
     logits = tl.where(e_ok, logits, float("-inf"))
     n_blocks = tl.cdiv(inter, BLOCK_N)
     if pid_n == n_blocks:
-        # NOTE: one extra program per token writes select_experts' weights and ids for the
-        # down GEMVs, so the streaming programs only pick their own expert.
+        # NOTE: one extra program writes select_experts' weights and ids for the down GEMVs,
+        # so the streaming programs only pick their own expert.
         if j == 0:
             one = tl.arange(0, 1) == 0
             top_w, top_i = softmax_topk(
@@ -197,13 +176,11 @@ def _gate_up_kernel(
             )
             kcols = tl.arange(0, BLOCK_TOP)
             k_ok = (kcols < TOP_K)[None, :]
-            row = t * TOP_K + kcols[None, :]
-            tl.store(topk_w_ptr + row, top_w, mask=k_ok)
-            tl.store(topk_ids_ptr + row, top_i.to(tl.int64), mask=k_ok)
+            tl.store(topk_w_ptr + kcols[None, :], top_w, mask=k_ok)
+            tl.store(topk_ids_ptr + kcols[None, :], top_i.to(tl.int64), mask=k_ok)
         return
     expert = _kth_expert(logits, cols_e, j, BLOCK_E).to(tl.int64)
     # the pair's gate and up GEMVs over H
-    x_row = x_ptr + t.to(tl.int64) * stride_xt
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
     ks = tl.arange(0, BLOCK_K)
@@ -216,19 +193,19 @@ def _gate_up_kernel(
         if EVEN_K:
             g = tl.load(g_rows + cols[None, :], mask=n_ok[:, None], other=0.0)  # [BN, BK]
             u = tl.load(u_rows + cols[None, :], mask=n_ok[:, None], other=0.0)
-            a = tl.load(x_row + cols)  # [BK]
+            a = tl.load(x_ptr + cols)  # [BK]
         else:
             k_ok = cols < hidden
             g = tl.load(g_rows + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             u = tl.load(u_rows + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            a = tl.load(x_row + cols, mask=k_ok, other=0.0)
+            a = tl.load(x_ptr + cols, mask=k_ok, other=0.0)
         af = a.to(tl.float32)[None, :]
         acc_g += g.to(tl.float32) * af
         acc_u += u.to(tl.float32) * af
     gate = tl.sum(acc_g, axis=1)  # [BN]
     up = tl.sum(acc_u, axis=1)
     act = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up
-    tl.store(act_ptr + pair * inter + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(act_ptr + j * inter + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -242,15 +219,13 @@ def _down_kernel(
     inter,
     stride_we,
     stride_wn,
-    stride_ot,
     TOP_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)
     pdl_prologue(USE_PDL)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
@@ -261,25 +236,24 @@ def _down_kernel(
     for it in range(0, TOP_K * num_k):
         j = it // num_k
         cols = (it - j * num_k) * BLOCK_K + ks
-        pair = t * TOP_K + j
-        expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
-        weight = tl.load(topk_w_ptr + pair)
+        expert = tl.load(topk_ids_ptr + j).to(tl.int64)
+        weight = tl.load(topk_w_ptr + j)
         w_ptrs = w_ptr + expert * stride_we + w_rows + cols[None, :]  # [BN, BK]
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-            a = tl.load(act_ptr + pair * inter + cols)  # [BK]
+            a = tl.load(act_ptr + j * inter + cols)  # [BK]
         else:
             k_ok = cols < inter
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            a = tl.load(act_ptr + pair * inter + cols, mask=k_ok, other=0.0)
+            a = tl.load(act_ptr + j * inter + cols, mask=k_ok, other=0.0)
         # NOTE: the routing weight scales the activation, so one sum covers every expert.
         acc += w.to(tl.float32) * (a.to(tl.float32) * weight)[None, :]
     out = tl.sum(acc, axis=1)  # [BN]
-    tl.store(out_ptr + t * stride_ot + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 def token_moe(
-    x: torch.Tensor,  # [T, H], T <= MAX_TOKENS
+    x: torch.Tensor,  # [1, H]
     gate_weight: torch.Tensor,  # [E, H] the router
     w13: torch.Tensor,  # [E, 2I, H]
     w2: torch.Tensor,  # [E, H, I]
@@ -287,17 +261,15 @@ def token_moe(
     renormalize: bool,
     *,
     config: TokenMoeConfig | None = None,
-    out: torch.Tensor | None = None,  # [T, H], written in full
+    out: torch.Tensor | None = None,  # [1, H], written in full
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``fused_moe(x, w13, w2, *select_experts(x @ gate_weight.T, top_k, renormalize))`` for
-    a few tokens in three launches; returns ``(out [T, H], topk_weights [T, k] float32,
-    topk_ids [T, k] int64)``."""
+    one token in three launches; returns ``(out [1, H], topk_weights [1, k] float32,
+    topk_ids [1, k] int64)``."""
     num_experts, two_inter, hidden = w13.shape
     inter = two_inter // 2
-    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_TOKENS or x.shape[1] != hidden:
-        raise ValueError(
-            f"token_moe takes x [T, {hidden}] with 1 <= T <= {MAX_TOKENS}, got {tuple(x.shape)}"
-        )
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != hidden:
+        raise ValueError(f"token_moe takes x [1, {hidden}], got {tuple(x.shape)}")
     if tuple(gate_weight.shape) != (num_experts, hidden):
         raise ValueError(
             f"the router must be [{num_experts}, {hidden}], got {tuple(gate_weight.shape)}"
@@ -316,54 +288,48 @@ def token_moe(
             raise ValueError(f"`{name}` needs a contiguous last dimension")
     cfg = config or (_FLOAT32 if x.dtype == torch.float32 else DEFAULT_CONFIG)
     dev = x.device
-    num_tokens = x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
     if out is None:
-        out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=dev)
-    elif out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
-        raise ValueError("`out` must be [T, H] in x.dtype with a contiguous last dimension")
+        out = torch.empty((1, hidden), dtype=x.dtype, device=dev)
+    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError("`out` must be a contiguous [1, H] tensor in x.dtype")
     num_splits = triton.cdiv(hidden, cfg.router_block_k)
     if num_splits > _MAX_SPLITS:
         raise ValueError(
             f"the router splits H={hidden} into {num_splits} > {_MAX_SPLITS} parts; "
             f"raise `router_block_k` (now {cfg.router_block_k})"
         )
-    parts = torch.empty((num_splits, num_tokens, num_experts), dtype=torch.float32, device=dev)
-    weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=dev)  # [T, k]
-    ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=dev)  # [T, k]
-    act = torch.empty((num_tokens * top_k, inter), dtype=x.dtype, device=dev)  # [T*k, I]
+    parts = torch.empty((num_splits, num_experts), dtype=torch.float32, device=dev)  # [S, E]
+    weights = torch.empty((1, top_k), dtype=torch.float32, device=dev)  # [1, k]
+    ids = torch.empty((1, top_k), dtype=torch.int64, device=dev)  # [1, k]
+    act = torch.empty((top_k, inter), dtype=x.dtype, device=dev)  # [k, I]
     use_pdl = pdl(x)
     _router_kernel[(triton.cdiv(num_experts, cfg.router_block_e), num_splits)](
         x,
         gate_weight,
         parts,
-        num_tokens,
         num_experts,
         hidden,
-        x.stride(0),
         gate_weight.stride(0),
-        BLOCK_T=triton.next_power_of_2(num_tokens),
         BLOCK_E=cfg.router_block_e,
         BLOCK_K=cfg.router_block_k,
         USE_PDL=use_pdl,
         num_warps=4,
         launch_pdl=use_pdl,
     )
-    # NOTE: one column block more than I needs: its programs (t*k, last) write the routing.
-    _gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, cfg.block_n1) + 1)](
+    # NOTE: one column block more than I needs: its program (0, last) writes the routing.
+    _gate_up_kernel[(top_k, triton.cdiv(inter, cfg.block_n1) + 1)](
         x,
         parts,
         w13,
         act,
         weights,
         ids,
-        num_tokens,
         num_experts,
         num_splits,
         inter,
         hidden,
-        x.stride(0),
         w13.stride(0),
         w13.stride(1),
         TOP_K=top_k,
@@ -379,7 +345,7 @@ def token_moe(
         num_stages=cfg.stages1,
         launch_pdl=use_pdl,
     )
-    _down_kernel[(num_tokens, triton.cdiv(hidden, cfg.block_n2))](
+    _down_kernel[(triton.cdiv(hidden, cfg.block_n2),)](
         act,
         w2,
         weights,
@@ -389,7 +355,6 @@ def token_moe(
         inter,
         w2.stride(0),
         w2.stride(1),
-        out.stride(0),
         TOP_K=top_k,
         BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2,
