@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ import torch
 # NOTE: tests/conftest.py sets TRITON_INTERPRET=1 for this mode before triton is imported.
 INTERPRET = os.environ.get("OUTRIDER_TRITON_INTERPRET") == "1"
 
+
+T = TypeVar("T")
 
 if INTERPRET:
     from outrider.kernels.interpreter import patch_numpy_index
@@ -53,3 +56,23 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 def tiny_dir(tiny_llama: Callable[..., Path]) -> Path:
     """The default ``tiny_llama`` (4 layers, vocab 512)."""
     return tiny_llama()
+
+
+def _capture_step(step: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured
+
+
+@pytest.fixture
+def capture_step() -> Callable[[Callable[[], T]], tuple[torch.cuda.CUDAGraph, T]]:
+    """``capture_step(step)``: ``step`` run once on a side stream (compiles outside the
+    capture), then captured in a CUDA graph; returns the graph and the captured call's outputs
+    (rewritten by each replay)."""
+    return _capture_step

@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 # NOTE: tests/gpu/conftest.py switches Triton to its interpreter first when this is set.
 INTERPRET = os.environ.get("OUTRIDER_TRITON_INTERPRET") == "1"
 
+
 from outrider.kernels.fused import activation as fused_activation  # noqa: E402
 from outrider.kernels.fused import norm as fused_norm  # noqa: E402
 from outrider.kernels.fused import rotary as fused_rotary  # noqa: E402
@@ -468,7 +469,9 @@ def test_layers_keep_torch_code_where_unfused(gen: torch.Generator, calls: dict[
 
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("t", [1, 8])
-def test_cuda_graph_capture_replays_with_new_inputs(t: int, gen: torch.Generator) -> None:
+def test_cuda_graph_capture_replays_with_new_inputs(
+    t: int, gen: torch.Generator, capture_step: Any
+) -> None:
     """Norm, rotary and SiLU·up of one layer capture into a CUDA graph (no host sync) and
     replay exactly like eager calls on new inputs."""
     h, nh, nkv, hd, i = 4096, 32, 8, 128, 14336
@@ -486,14 +489,7 @@ def test_cuda_graph_capture_replays_with_new_inputs(t: int, gen: torch.Generator
         rq, rk = rope(positions, q, k)
         return out, res, rq, rk, SiluAndMul()(gate_up)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_step(step)
     for _ in range(2):
         for buf in (x, residual, qkv, gate_up):
             buf.copy_(torch.randn(buf.shape, generator=gen).to(dtype))

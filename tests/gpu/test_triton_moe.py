@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ pytest.importorskip("triton")
 
 # NOTE: tests/gpu/conftest.py switches Triton to its interpreter first when this is set.
 INTERPRET = os.environ.get("OUTRIDER_TRITON_INTERPRET") == "1"
+
 
 from outrider.kernels import registry  # noqa: E402
 from outrider.kernels.moe import torch_ref  # noqa: E402
@@ -278,7 +280,7 @@ def test_layer_with_triton_backend_matches_reference(gen: torch.Generator) -> No
 @pytest.mark.parametrize("quant", ["none", "fp8"])
 @pytest.mark.parametrize("t", [1, 64])
 def test_cuda_graph_capture_replays_with_new_inputs(
-    t: int, quant: str, gen: torch.Generator
+    t: int, quant: str, gen: torch.Generator, capture_step: Any
 ) -> None:
     """Routing + fused MoE capture into one CUDA graph (no host sync) and replay exactly."""
     assert BACKEND.cuda_graph_safe
@@ -293,14 +295,7 @@ def test_cuda_graph_capture_replays_with_new_inputs(
         weights, ids = select_experts(logits, k, True)
         return fused_moe(x, c["w13"], c["w2"], weights, ids, c.get("w13_scale"), c.get("w2_scale"))
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_step(step)
     for _ in range(2):
         x.copy_(torch.randn(x.shape, generator=gen).to(x.dtype))
         logits.copy_(2.0 * torch.randn(logits.shape, generator=gen))
@@ -424,7 +419,7 @@ def test_token_moe_layer_dispatch(gen: torch.Generator) -> None:
 
 
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
-def test_token_moe_graph_replays_with_new_inputs(gen: torch.Generator) -> None:
+def test_token_moe_graph_replays_with_new_inputs(gen: torch.Generator, capture_step: Any) -> None:
     from outrider.kernels.moe.triton_moe_token import token_moe
 
     e, k, hidden, inter = TOKEN_CASES[2]
@@ -434,14 +429,7 @@ def test_token_moe_graph_replays_with_new_inputs(gen: torch.Generator) -> None:
     def step() -> torch.Tensor:
         return token_moe(x, gate, c["w13"], c["w2"], k, True)[0]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_step(step)
     for _ in range(3):
         x.copy_(torch.randn(x.shape, generator=gen).to(x.dtype))
         graph.replay()
