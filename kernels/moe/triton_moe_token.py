@@ -12,12 +12,12 @@ than its work. Here:
   programs instead of a GEMV over 16. Its weight tile is loaded before the PDL wait (weights
   never depend on the previous kernel).
 * ``_gate_up_kernel``: one program per (pair ``j``, ``BLOCK_N`` columns of I) sums the S
-  partial logits, rounds them to the activation dtype (as the router's linear layer returns
-  them) and runs ``select_experts``' softmax and top-k (``triton_routing.softmax_topk``, the
-  same choice: a program needs only its own expert, so it takes one max per rank over packed
-  (value, index) keys, and the softmax runs once, in one extra program that writes
-  ``topk_weights`` and ``topk_ids``). Then the expert's gate and up GEMVs over H:
-  ``act[j] = silu(gate) * up``, stored in the activation dtype.
+  partial logits and rounds them to the activation dtype (as the router's linear layer returns
+  them). A program needs only its own expert, the j-th largest logit, found with one max per
+  rank over packed (value, index) keys: ``select_experts``' choice, since the softmax keeps the
+  order and the smallest index wins among equals. One extra program runs the softmax and top-k
+  itself (``triton_routing.softmax_topk``) and writes ``topk_weights`` and ``topk_ids``. Then
+  the expert's gate and up GEMVs over H: ``act[j] = silu(gate) * up``, in the activation dtype.
 * ``_down_kernel``: one program per ``BLOCK_N`` columns of H runs the k down GEMVs in one
   flattened loop over (expert, K step), so the loads stay pipelined across experts. Each
   activation is scaled by its routing weight as it is loaded, so one float32 accumulator sums
