@@ -8,6 +8,7 @@ the Triton interpreter. Error bounds and their reasons are in docs/gpu-testing.m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from typing import Any
@@ -372,7 +373,7 @@ def test_token_moe_matches_reference(
     check_out(out, reference({**case, "weights": want_w, "ids": want_ids}), dtype)
 
 
-def test_token_moe_layer_dispatch(gen: torch.Generator) -> None:
+def test_token_moe_layer_dispatch(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """Qwen3's block sends one token through token_moe (three launches) and more tokens through
     select_experts + fused_moe; both agree with the reference, and the switch turns it off."""
     from transformers import Qwen3MoeConfig
@@ -398,19 +399,14 @@ def test_token_moe_layer_dispatch(gen: torch.Generator) -> None:
         calls.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    block.experts.kernel.token_moe = spy  # the instance attribute shadows the class's
-    ctx = fused_on_cpu() if INTERPRET else torch.inference_mode()
-    try:
-        with ctx, torch.inference_mode():
-            x = case["x"].to(DEVICE)
-            one = block(x)
-            assert calls == [1]
-            os.environ["OUTRIDER_MOE_TOKEN_PATH"] = "0"
-            general = block(x)
-            assert calls == [1]
-    finally:
-        os.environ.pop("OUTRIDER_MOE_TOKEN_PATH", None)
-        del block.experts.kernel.token_moe
+    monkeypatch.setattr(type(block.experts.kernel), "token_moe", staticmethod(spy))
+    x = case["x"].to(DEVICE)
+    with fused_on_cpu() if INTERPRET else contextlib.nullcontext(), torch.inference_mode():
+        one = block(x)
+        assert calls == [1]
+        monkeypatch.setenv("OUTRIDER_MOE_TOKEN_PATH", "0")
+        general = block(x)
+        assert calls == [1]
     logits = (case["x"].to(DEVICE) @ case["gate"].to(DEVICE).T).float().cpu()
     weights, ids = torch_ref.select_experts(logits, k, renormalize=True)
     ref = reference({**case, "weights": weights, "ids": ids})
