@@ -54,6 +54,8 @@ class FusedMoE(nn.Module):
         self.kernel = registry.get("moe", moe_backend)
         # NOTE: routing is the torch reference unless the backend brings its own.
         self._select_experts = getattr(self.kernel, "select_experts", select_experts)
+        # NOTE: one token with its router in one backend call, where the backend has one.
+        self._token_moe_applies = getattr(self.kernel, "token_moe_applies", None)
         inter = self.intermediate_size
         self.w13_weight = nn.Parameter(
             torch.empty(num_experts, 2 * inter, hidden_size), requires_grad=False
@@ -113,7 +115,7 @@ class FusedMoE(nn.Module):
     def route_and_forward(self, hidden_states: torch.Tensor, gate: LinearBase) -> torch.Tensor:
         """``forward(hidden_states, gate(hidden_states))``; one token takes the backend's own
         path with the router inside (``token_moe``) where the backend has one for the call."""
-        applies = getattr(self.kernel, "token_moe_applies", None)
+        applies = self._token_moe_applies
         if (
             applies is not None
             and gate.bias is None
