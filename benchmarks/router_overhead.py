@@ -6,8 +6,9 @@ Starts a local Ray cluster on 127.0.0.1, builds the Router of the embedded model
 default drafter (target and drafter actor groups, gRPC on loopback), drives requests through
 ``AsyncEngine.generate`` in this process one at a time, and prints per-round means: the round's
 wall time, the groups' forward time (``forward_s`` of each reply), and the overhead, split into
-the gRPC call time the forwards do not explain (round trips, message encoding and the worker's
-own work around its forward) and the router's own work between calls. Compare with the same
+the gRPC call time the forwards do not explain (the worker's own work around its forward, as the
+worker reports it, and the rest: transport and the client's encoding) and the router's own work
+between calls. Compare with the same
 figure through Serve (``outrider_spec_decode_round_overhead_seconds``) to see what the HTTP
 side adds.
 """
@@ -70,10 +71,14 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         stats.overhead_s,
     )
     c0 = dict(call_s)
+    clients = [c for c in (router.target, router.drafter) if c is not None]
+    wire0 = [(c.call_s, c.worker_s) for c in clients]
     for p in ids[1:]:
         async for _ in engine.generate(p, params):
             pass
     n = stats.num_rounds - r0
+    client_call = sum(c.call_s - a for c, (a, _) in zip(clients, wire0, strict=True))
+    worker = sum(c.worker_s - b for c, (_, b) in zip(clients, wire0, strict=True))
     calls = sum(call_s.values()) - sum(c0.values())
     forward = (stats.draft_s - d0) + (stats.verify_s - v0)
     wall = stats.wall_s - w0
@@ -84,6 +89,11 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         "overhead_ms": (stats.overhead_s - o0) / n * 1e3,
         "in_calls_not_forward_ms": (calls - forward) / n * 1e3,
         "between_calls_ms": (wall - calls) / n * 1e3,
+        # NOTE: the two parts of in_calls_not_forward: the workers' own time around their
+        # forwards (decode, wire tensors, encode), and the rest (gRPC transport, the client's
+        # encode and decode).
+        "worker_not_forward_ms": (worker - forward) / n * 1e3,
+        "transport_ms": (client_call - worker) / n * 1e3,
         "propose_call_ms": (call_s["propose"] - c0["propose"]) / n * 1e3,
         "draft_forward_ms": (stats.draft_s - d0) / n * 1e3,
         "verify_call_ms": (call_s["verify"] - c0["verify"]) / n * 1e3,

@@ -8,6 +8,7 @@ with the deployment token, reopened after an error), each with its own deadline.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from outrider.workers.protocol import (
     STREAM_METHOD,
     STREAM_METHOD_IDS,
     STREAM_OK,
+    STREAM_WORKER_TIME,
     TOKEN_METADATA_KEY,
     DescribeRequest,
     DescribeResponse,
@@ -92,6 +94,11 @@ class WorkerClient:
             name: msgspec.msgpack.Decoder(resp) for name, (_, resp) in METHODS.items()
         }
         self._caps: DrafterCapabilities | None = None
+        # NOTE: the worker's own seconds on the stream's calls (frame arrival to encoded reply),
+        # next to the calls' wall time here: their difference is the transport.
+        self.num_calls = 0
+        self.call_s = 0.0
+        self.worker_s = 0.0
 
     async def close(self) -> None:
         self._drop_stream()
@@ -106,6 +113,7 @@ class WorkerClient:
         return WorkerCallError(f"{self.group} {name} at {self.address} failed: {code}: {details}")
 
     async def _call(self, name: str, req: msgspec.Struct, timeout: float | None = None) -> Any:
+        t0 = time.perf_counter()
         frame = bytes([STREAM_METHOD_IDS[name]]) + self._encoder.encode(req)
         limit = timeout or self.timeout_s
         async with self._stream_lock:
@@ -131,7 +139,12 @@ class WorkerClient:
         if reply[0] != STREAM_OK:
             status = _STATUS_NAMES.get(reply[0], str(reply[0]))
             raise self._error(name, status, bytes(reply[1:]).decode(errors="replace"))
-        return self._decoders[name].decode(memoryview(reply)[1:])
+        body = memoryview(reply)[1 + STREAM_WORKER_TIME.size :]
+        out = self._decoders[name].decode(body)
+        self.num_calls += 1
+        self.worker_s += STREAM_WORKER_TIME.unpack_from(reply, 1)[0]
+        self.call_s += time.perf_counter() - t0
+        return out
 
     async def health(self, timeout: float = 5.0) -> bool:
         stub = health_pb2_grpc.HealthStub(self._channel)

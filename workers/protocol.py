@@ -10,6 +10,8 @@ produced it); the token at position 0 has none.
 
 from __future__ import annotations
 
+import struct
+
 import msgspec
 import torch
 
@@ -148,12 +150,14 @@ METHODS: dict[str, tuple[type[msgspec.Struct], type[msgspec.Struct]]] = {
 TOKEN_METADATA_KEY = "x-outrider-token"
 # NOTE: the round's calls also travel over one persistent bidirectional stream per client
 # (/outrider.Worker/Calls): a request frame is one byte of method id (the order of METHODS)
-# then the msgspec request; a reply frame is one byte of status (STREAM_OK or the gRPC status
-# code of the error) then the msgspec response or the UTF-8 error message. Replies come in
-# request order.
+# then the msgspec request; a reply frame is one byte of status, then for STREAM_OK the
+# worker's seconds on the call (STREAM_WORKER_TIME: frame arrival to encoded reply) and the
+# msgspec response, else (the gRPC status code of the error) the UTF-8 error message. Replies
+# come in request order.
 STREAM_METHOD = "Calls"
 STREAM_METHOD_IDS = {name: i for i, name in enumerate(METHODS)}
 STREAM_OK = 0
+STREAM_WORKER_TIME = struct.Struct("<d")
 
 
 _DTYPES: dict[str, torch.dtype] = {

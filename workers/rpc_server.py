@@ -1,18 +1,23 @@
 """The group leader's gRPC server: generic handlers over msgspec bytes, a deployment token,
 message-size limits and the standard ``grpc.health.v1`` service.
 
-Calls are executed one at a time (a worker group steps in lockstep) on a dedicated thread, so
-the event loop stays free to accept health checks while a forward runs. Each method is a unary
-RPC, and the same calls also run over one persistent bidirectional stream (``Calls``, framed
-as ``workers/protocol.py`` says), which the router uses: a frame on an open stream costs about
-half a unary round trip.
+Calls are executed one at a time (a worker group steps in lockstep). The server is gRPC's
+synchronous one: each RPC runs on a thread of its pool, and a call runs inline on the thread
+that received it, so a forward costs no hand-off to another thread or event loop and health
+checks are answered from other threads while it runs. Each method is a unary RPC, and the same
+calls also run over one persistent bidirectional stream (``Calls``, framed as
+``workers/protocol.py`` says), which the router uses: a frame on an open stream costs about
+half a unary round trip. A stream's OK reply carries the seconds the worker spent on the call,
+from the frame's arrival to its encoded reply, so the router can tell transport from work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -23,12 +28,17 @@ from outrider.workers.protocol import (
     SERVICE,
     STREAM_METHOD,
     STREAM_OK,
+    STREAM_WORKER_TIME,
     TOKEN_METADATA_KEY,
 )
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], bytes]
+# NOTE: threads for the server's RPCs: each open stream holds one for its lifetime (the router
+# keeps one per group, and a reopened stream's predecessor until it ends), health checks and
+# unary calls take one each while they run.
+_POOL_THREADS = 16
 
 
 class WorkerServer:
@@ -46,29 +56,32 @@ class WorkerServer:
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes
-        self._server: grpc.aio.Server | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-call")
-        self._lock = asyncio.Lock()
-        self._health = health.aio.HealthServicer() if hasattr(health, "aio") else None
+        self._server: grpc.Server | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._health = health.HealthServicer()
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def _authorized(self, context: grpc.ServicerContext) -> bool:
+        meta = dict(context.invocation_metadata() or ())
+        return meta.get(TOKEN_METADATA_KEY) == self.token
+
     def _method(self, name: str) -> grpc.RpcMethodHandler:
-        async def call(payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            meta = dict(context.invocation_metadata() or ())
-            if meta.get(TOKEN_METADATA_KEY) != self.token:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
-            loop = asyncio.get_running_loop()
-            async with self._lock:
+        def call(payload: bytes, context: grpc.ServicerContext) -> bytes:
+            if not self._authorized(context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+            with self._lock:
                 try:
-                    return await loop.run_in_executor(self._executor, self.handler, name, payload)
+                    return self.handler(name, payload)
                 except ValueError as e:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    error = (grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 except Exception as e:  # noqa: BLE001
                     logger.exception("%s failed", name)
-                    await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+                    error = (grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            context.abort(*error)
             raise AssertionError("unreachable")
 
         return grpc.unary_unary_rpc_method_handler(call)
@@ -76,31 +89,27 @@ class WorkerServer:
     def _stream(self) -> grpc.RpcMethodHandler:
         names = list(METHODS)
 
-        async def calls(
-            frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[bytes]:
-            meta = dict(context.invocation_metadata() or ())
-            if meta.get(TOKEN_METADATA_KEY) != self.token:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
-            loop = asyncio.get_running_loop()
-            async for frame in frames:
+        def calls(frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            if not self._authorized(context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+            for frame in frames:
+                t0 = time.perf_counter()
                 if not frame or frame[0] >= len(names):
                     msg = f"unknown method id {frame[0] if frame else None}"
                     yield bytes([grpc.StatusCode.INVALID_ARGUMENT.value[0]]) + msg.encode()
                     continue
                 name, payload = names[frame[0]], frame[1:]
-                async with self._lock:
+                with self._lock:
                     try:
-                        out = await loop.run_in_executor(
-                            self._executor, self.handler, name, payload
-                        )
+                        out = self.handler(name, payload)
                     except ValueError as e:
                         code, text = grpc.StatusCode.INVALID_ARGUMENT, str(e)
                     except Exception as e:  # noqa: BLE001
                         logger.exception("%s failed", name)
                         code, text = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
                     else:
-                        yield bytes([STREAM_OK]) + out
+                        took = STREAM_WORKER_TIME.pack(time.perf_counter() - t0)
+                        yield bytes([STREAM_OK]) + took + out
                         continue
                 yield bytes([code.value[0]]) + text.encode()
 
@@ -115,28 +124,26 @@ class WorkerServer:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
-        server = grpc.aio.server(options=opts)
+        self._pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="worker-rpc")
+        server = grpc.server(self._pool, options=opts)
         handlers = {name: self._method(name) for name in METHODS}
         handlers[STREAM_METHOD] = self._stream()
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        servicer = self._health or health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")
         if self.port == 0:
             raise OSError(f"cannot bind the worker gRPC server to {self.host}")
-        await server.start()
-        status = health_pb2.HealthCheckResponse.SERVING
-        if self._health is not None:
-            await self._health.set("", status)
-            await self._health.set(SERVICE, status)
-        else:
-            servicer.set("", status)
-            servicer.set(SERVICE, status)
+        server.start()
+        for service in ("", SERVICE):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         return self.address
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._server is not None:
-            await self._server.stop(grace)
+            stopped = self._server.stop(grace)
             self._server = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
+            await asyncio.to_thread(stopped.wait, grace + 5.0)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
