@@ -135,6 +135,20 @@ class EngineMetrics:
             buckets=_ROUND_BUCKETS,
             registry=r,
         )
+        self.worker_calls = Counter(
+            "outrider_worker_calls",
+            "Calls the router made to each worker group (frames on its stream).",
+            (*lbl, "group"),
+            registry=r,
+        )
+        self.worker_call_seconds = Counter(
+            "outrider_worker_call_seconds",
+            "Wall seconds of the router's calls to each worker group: part `worker` is the "
+            "worker's own time (frame arrival to encoded reply), `wire` the rest (gRPC "
+            "transport, the router's encoding and decoding).",
+            (*lbl, "group", "part"),
+            registry=r,
+        )
         self.overlap_hits = Counter(
             "outrider_spec_decode_overlap_hits",
             "Sequences whose drafts prepared during verification were used.",
@@ -208,6 +222,12 @@ class EngineMetrics:
             self.overlap_hits.labels(m).inc(overlap_hits)
         if overlap_misses:
             self.overlap_misses.labels(m).inc(overlap_misses)
+
+    def on_worker_calls(self, group: str, calls: int, call_s: float, worker_s: float) -> None:
+        m = self.model_name
+        self.worker_calls.labels(m, group).inc(calls)
+        self.worker_call_seconds.labels(m, group, "worker").inc(worker_s)
+        self.worker_call_seconds.labels(m, group, "wire").inc(max(call_s - worker_s, 0.0))
 
     def on_fallback_round(self, reason: str) -> None:
         self.fallback.labels(self.model_name, reason).inc()

@@ -60,6 +60,7 @@ class Router:
         self.target_desc: DescribeResponse | None = None
         self.drafter_desc: DescribeResponse | None = None
         self._hf: Any = None
+        self._seen_calls: dict[str, tuple[int, float, float]] = {}
 
     async def start(self) -> None:
         cfg = self.config
@@ -188,6 +189,27 @@ class Router:
         )
 
     async def _call(self, call: Call) -> Any:
+        try:
+            return await self._dispatch(call)
+        finally:
+            self._observe_calls()
+
+    def _observe_calls(self) -> None:
+        """Feed the calls since the last observation into the metrics, per group."""
+        if self.engine is None:
+            return
+        for group, client in (("target", self.target), ("drafter", self.drafter)):
+            if client is None:
+                continue
+            now = (client.num_calls, client.call_s, client.worker_s)
+            last = self._seen_calls.get(group, (0, 0.0, 0.0))
+            if now[0] != last[0]:
+                self.engine.metrics.on_worker_calls(
+                    group, now[0] - last[0], now[1] - last[1], now[2] - last[2]
+                )
+                self._seen_calls[group] = now
+
+    async def _dispatch(self, call: Call) -> Any:
         kind, args = call
         assert self.target is not None
         if kind == "verify":

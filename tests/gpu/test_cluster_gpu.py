@@ -234,7 +234,9 @@ def _scrape(port: int, name: str) -> dict[tuple[str, str], float]:
     out: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            key = (s.name, s.labels.get("le", ""))
+            # NOTE: the per-group call counters keep their group and part; other labels fold.
+            tags = "".join(f"|{s.labels[k]}" for k in ("group", "part") if k in s.labels)
+            key = (s.name + tags, s.labels.get("le", ""))
             out[key] = out.get(key, 0.0) + s.value
     return out
 
@@ -265,6 +267,19 @@ def _round_figures(d: dict[tuple[str, str], float], what: str) -> dict[str, Any]
         "mean_ms": 1e3 * total / count if count else None,
         "p50_ms": 1e3 * p50 if p50 is not None else None,
         "p90_ms": 1e3 * p90 if p90 is not None else None,
+    }
+
+
+def _call_figures(d: dict[tuple[str, str], float], group: str) -> dict[str, Any]:
+    """Mean wall time per call to one group, split into the worker's own and the wire's."""
+    calls = d.get((f"outrider_worker_calls_total|{group}", ""), 0.0)
+    part = {
+        p: d.get((f"outrider_worker_call_seconds_total|{group}|{p}", ""), 0.0)
+        for p in ("worker", "wire")
+    }
+    return {
+        "calls": int(calls),
+        **{f"{p}_mean_ms": 1e3 * v / calls if calls else None for p, v in part.items()},
     }
 
 
@@ -348,6 +363,7 @@ def _run_case(
         "drafting_rounds": int(drafts),
         "accepted_per_drafting_round": accepted / drafts if drafts else None,
         "round": {what: _round_figures(d, what) for what in ROUND_HISTOGRAMS},
+        "calls": {group: _call_figures(d, group) for group in ("target", "drafter")},
         "equal": {
             "cluster_vs_in_process": got == want and streamed == want["chat"][-1],
             "speculative_vs_plain": want == plain,
@@ -369,6 +385,11 @@ def _run_case(
             f"[{case}] {what:8s} per round: mean {_ms(f['mean_ms'])}, p50 ~{_ms(f['p50_ms'])}, "
             f"p90 ~{_ms(f['p90_ms'])} ({f['rounds']} rounds)"
         )
+    for group, c in report["calls"].items():
+        print(
+            f"[{case}] calls to the {group}: {c['calls']}, per call the worker's own "
+            f"{_ms(c['worker_mean_ms'])} and the wire's {_ms(c['wire_mean_ms'])}"
+        )
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / f"cluster_gpu_{case}.json"
         path.write_text(json.dumps(report, indent=2) + "\n")
@@ -378,6 +399,7 @@ def _run_case(
     assert streamed == want["chat"][-1]
     assert r["verify"]["rounds"] > 0 and r["overhead"]["rounds"] == r["verify"]["rounds"]
     assert drafts > 0 and r["draft"]["rounds"] > 0
+    assert all(c["calls"] > 0 and c["wire_mean_ms"] > 0 for c in report["calls"].values())
     if model.name == "moe":
         assert (t["moe_backend"], dr["moe_backend"]) == MOE_BACKENDS
 
