@@ -1,13 +1,17 @@
 """gRPC client of the worker protocol, and its adapters to the round loop's interfaces.
 
 Messages are msgspec structs (see ``outrider.workers.protocol``); tensors travel as raw bytes.
-Calls go as frames over one persistent bidirectional stream per client (opened on first use
-with the deployment token, reopened after an error), each with its own deadline.
+Calls go as frames over one persistent connection per client, each with its own deadline: the
+leader's plain socket once its Describe advertised one (workers/frame_server.py), else one
+bidirectional gRPC stream (opened on first use with the deployment token, reopened after an
+error).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -19,6 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from outrider.workers.proposers.base import DraftMode, ProposeItem, ProposeResult
 from outrider.workers.protocol import (
+    FRAME_HEADER,
+    FRAME_HELLO,
     METHODS,
     SERVICE,
     STREAM_METHOD,
@@ -94,6 +100,13 @@ class WorkerClient:
             name: msgspec.msgpack.Decoder(resp) for name, (_, resp) in METHODS.items()
         }
         self._caps: DrafterCapabilities | None = None
+        self._token = token
+        self.max_message_bytes = max_message_bytes
+        # NOTE: the round's calls go over the leader's plain socket once Describe advertised
+        # it (workers/frame_server.py); until then, or with OUTRIDER_FRAME_SOCKET=0, over the
+        # gRPC stream.
+        self._frame_port = 0
+        self._frames: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         # NOTE: the worker's own seconds on the stream's calls (frame arrival to encoded reply),
         # next to the calls' wall time here: their difference is the transport.
         self.num_calls = 0
@@ -102,12 +115,18 @@ class WorkerClient:
 
     async def close(self) -> None:
         self._drop_stream()
+        self._drop_frames()
         await self._channel.close()
 
     def _drop_stream(self) -> None:
         if self._stream is not None:
             self._stream.cancel()
             self._stream = None
+
+    def _drop_frames(self) -> None:
+        if self._frames is not None:
+            self._frames[1].close()
+            self._frames = None
 
     def _error(self, name: str, code: str, details: str) -> WorkerCallError:
         return WorkerCallError(f"{self.group} {name} at {self.address} failed: {code}: {details}")
@@ -117,25 +136,10 @@ class WorkerClient:
         frame = bytes([STREAM_METHOD_IDS[name]]) + self._encoder.encode(req)
         limit = timeout or self.timeout_s
         async with self._stream_lock:
-            if self._stream is None:
-                self._stream = self._open_stream(metadata=self._meta)
-            stream = self._stream
-            try:
-                await stream.write(frame)
-                reply = await asyncio.wait_for(stream.read(), limit)
-            except TimeoutError:
-                self._drop_stream()
-                raise self._error(name, "DEADLINE_EXCEEDED", f"no reply in {limit:g} s") from None
-            except Exception:  # noqa: BLE001
-                # NOTE: the stream ended (a wrong token, a message over the size limit, the
-                # worker gone): report its status and open a new stream on the next call.
-                self._stream = None
-                code, details = await stream.code(), await stream.details()
-                raise self._error(name, code.name, details) from None
-            if reply is grpc.aio.EOF:
-                self._stream = None
-                code, details = await stream.code(), await stream.details()
-                raise self._error(name, code.name, details or "the worker closed the stream")
+            if self._frame_port:
+                reply = await self._frame_exchange(name, frame, limit)
+            else:
+                reply = await self._stream_exchange(name, frame, limit)
         if reply[0] != STREAM_OK:
             status = _STATUS_NAMES.get(reply[0], str(reply[0]))
             raise self._error(name, status, bytes(reply[1:]).decode(errors="replace"))
@@ -145,6 +149,70 @@ class WorkerClient:
         self.worker_s += STREAM_WORKER_TIME.unpack_from(reply, 1)[0]
         self.call_s += time.perf_counter() - t0
         return out
+
+    async def _stream_exchange(self, name: str, frame: bytes, limit: float) -> bytes:
+        """One frame and its reply on the gRPC stream (opened on first use)."""
+        if self._stream is None:
+            self._stream = self._open_stream(metadata=self._meta)
+        stream = self._stream
+        try:
+            await stream.write(frame)
+            async with asyncio.timeout(limit):
+                reply = await stream.read()
+        except TimeoutError:
+            self._drop_stream()
+            raise self._error(name, "DEADLINE_EXCEEDED", f"no reply in {limit:g} s") from None
+        except Exception:  # noqa: BLE001
+            # NOTE: the stream ended (a wrong token, a message over the size limit, the
+            # worker gone): report its status and open a new stream on the next call.
+            self._stream = None
+            code, details = await stream.code(), await stream.details()
+            raise self._error(name, code.name, details) from None
+        if reply is grpc.aio.EOF:
+            self._stream = None
+            code, details = await stream.code(), await stream.details()
+            raise self._error(name, code.name, details or "the worker closed the stream")
+        return bytes(reply)
+
+    async def _frame_exchange(self, name: str, frame: bytes, limit: float) -> bytes:
+        """One frame and its reply on the leader's plain socket (connected on first use)."""
+        try:
+            async with asyncio.timeout(limit):
+                if self._frames is None:
+                    self._frames = await self._connect_frames(name)
+                reader, writer = self._frames
+                writer.write(FRAME_HEADER.pack(len(frame)))
+                writer.write(frame)
+                (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
+                if size > self.max_message_bytes:
+                    self._drop_frames()
+                    msg = f"reply of {size} bytes exceeds the limit of {self.max_message_bytes}"
+                    raise self._error(name, "RESOURCE_EXHAUSTED", msg)
+                return await reader.readexactly(size)
+        except TimeoutError:
+            self._drop_frames()
+            raise self._error(name, "DEADLINE_EXCEEDED", f"no reply in {limit:g} s") from None
+        except (OSError, asyncio.IncompleteReadError) as e:
+            # NOTE: the worker went away or closed the connection (after an error frame it
+            # sent, or a stop): the next call connects again.
+            self._drop_frames()
+            raise self._error(name, "UNAVAILABLE", f"frame socket: {e!r}") from None
+
+    async def _connect_frames(self, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host = self.address.rsplit(":", 1)[0]
+        reader, writer = await asyncio.open_connection(host, self._frame_port, limit=2**20)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hello = FRAME_HELLO + self._token.encode()
+        writer.write(FRAME_HEADER.pack(len(hello)) + hello)
+        (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
+        reply = await reader.readexactly(min(size, 4096))
+        if reply[0] != STREAM_OK:
+            writer.close()
+            status = _STATUS_NAMES.get(reply[0], str(reply[0]))
+            raise self._error(name, status, bytes(reply[1:]).decode(errors="replace"))
+        return reader, writer
 
     async def health(self, timeout: float = 5.0) -> bool:
         stub = health_pb2_grpc.HealthStub(self._channel)
@@ -157,6 +225,8 @@ class WorkerClient:
     async def describe(self, timeout: float = 30.0) -> DescribeResponse:
         desc: DescribeResponse = await self._call("Describe", DescribeRequest(), timeout)
         self._caps = desc.capabilities
+        if desc.frame_port and os.environ.get("OUTRIDER_FRAME_SOCKET", "1") != "0":
+            self._frame_port = desc.frame_port
         return desc
 
     async def release(self, seq_ids: Sequence[int]) -> int:

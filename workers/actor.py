@@ -141,10 +141,12 @@ class WorkerActor:
         self.server = WorkerServer(
             self._lead, token=self.token, host=host, max_message_bytes=max_message_bytes
         )
-        return await self.server.start()
+        address = await self.server.start()
+        self.handler.frame_port = self.server.frame_port
+        return address
 
     # -- lockstep execution -----------------------------------------------------------------
-    def _lead(self, method: str, payload: bytes) -> bytes:
+    def _lead(self, method: str, payload: bytes | memoryview) -> bytes:
         assert self.handler is not None
         if method != "Describe" and self.world_size > 1:
             self._broadcast(_METHOD_IDS[method], payload)

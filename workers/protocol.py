@@ -137,6 +137,9 @@ class DescribeResponse(msgspec.Struct, omit_defaults=True, frozen=True):
     num_hidden_layers: int
     kv: KVUsage
     capabilities: DrafterCapabilities | None = None
+    # NOTE: the leader's plain-socket port for the round's calls (workers/frame_server.py);
+    # 0: none, use the gRPC stream.
+    frame_port: int = 0
 
 
 # (method name, request type, response type); the gRPC path is /outrider.Worker/<name>.
@@ -158,6 +161,10 @@ STREAM_METHOD = "Calls"
 STREAM_METHOD_IDS = {name: i for i, name in enumerate(METHODS)}
 STREAM_OK = 0
 STREAM_WORKER_TIME = struct.Struct("<d")
+# NOTE: the same frames also travel over a plain TCP socket (workers/frame_server.py), each
+# behind FRAME_HEADER (its length); a connection opens with FRAME_HELLO + the token.
+FRAME_HEADER = struct.Struct("<I")
+FRAME_HELLO = b"outrider-frames/1 "
 
 
 _DTYPES: dict[str, torch.dtype] = {

@@ -8,7 +8,9 @@ checks are answered from other threads while it runs. Each method is a unary RPC
 calls also run over one persistent bidirectional stream (``Calls``, framed as
 ``workers/protocol.py`` says), which the router uses: a frame on an open stream costs about
 half a unary round trip. A stream's OK reply carries the seconds the worker spent on the call,
-from the frame's arrival to its encoded reply, so the router can tell transport from work.
+from the frame's arrival to its encoded reply, so the router can tell transport from work. The
+same frames are also served over a plain TCP socket (``frame_port``; workers/frame_server.py),
+which the router prefers for the round's calls.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from outrider.workers.frame_server import FrameServer
 from outrider.workers.protocol import (
     METHODS,
     SERVICE,
@@ -60,6 +63,8 @@ class WorkerServer:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._health = health.HealthServicer()
+        self._frames: FrameServer | None = None
+        self.frame_port = 0  # the plain-socket listener's port once started
 
     @property
     def address(self) -> str:
@@ -134,12 +139,23 @@ class WorkerServer:
         if self.port == 0:
             raise OSError(f"cannot bind the worker gRPC server to {self.host}")
         server.start()
+        self._frames = FrameServer(
+            self.handler,
+            self._lock,
+            token=self.token,
+            host=self.host,
+            max_message_bytes=self.max_message_bytes,
+        )
+        self.frame_port = self._frames.start()
         for service in ("", SERVICE):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         return self.address
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._frames is not None:
+            self._frames.stop()
+            self._frames = None
         if self._server is not None:
             stopped = self._server.stop(grace)
             self._server = None

@@ -210,6 +210,7 @@ class WorkerHandler:
         self.node_ids = node_ids
         self._decoders = {m: msgspec.msgpack.Decoder(req) for m, (req, _) in METHODS.items()}
         self._encoder = msgspec.msgpack.Encoder()
+        self.frame_port = 0  # set by whoever starts the server (Describe advertises it)
 
     def describe(self) -> DescribeResponse:
         return DescribeResponse(
@@ -218,10 +219,11 @@ class WorkerHandler:
             pipeline_parallel_size=self.layout[1],
             devices=self.devices,
             node_ids=self.node_ids,
+            frame_port=self.frame_port,
             **self.worker.describe_fields(),  # type: ignore[arg-type]
         )
 
-    def handle(self, method: str, payload: bytes) -> bytes:
+    def handle(self, method: str, payload: bytes | memoryview) -> bytes:
         req = self._decoders[method].decode(payload)
         return self._encoder.encode(self.dispatch(method, req))
 

@@ -1,15 +1,18 @@
-"""The worker protocol over real gRPC on 127.0.0.1: results equal in-process calls."""
+"""The worker protocol over real gRPC and the plain frame socket on 127.0.0.1: results equal
+in-process calls."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
+import grpc
 import pytest
 
 from outrider.cluster.rpc import WorkerCallError, WorkerClient
 from outrider.workers.config import CacheConfig, ModelConfig, SamplingParams, WorkerConfig
 from outrider.workers.proposers.base import ProposeItem
-from outrider.workers.protocol import Delta
+from outrider.workers.protocol import FRAME_HEADER, FRAME_HELLO, STREAM_OK, Delta
 from outrider.workers.rpc_server import WorkerServer
 from outrider.workers.spec_config import SpeculativeConfig
 from outrider.workers.verifier import VerifyItem
@@ -22,7 +25,9 @@ def _cfg(path: object) -> WorkerConfig:
     )
 
 
-def test_verify_propose_release_describe_over_grpc(tiny_model) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("transport", ["frames", "grpc"])
+def test_verify_propose_release_describe_over_grpc(tiny_model, transport: str) -> None:  # type: ignore[no-untyped-def]
+    """The round's calls over the frame socket (advertised by Describe) or the gRPC stream."""
     path, _ = tiny_model("llama")
     target = TargetWorker(_cfg(path), num_layers=4)
     spec = SpeculativeConfig(method="draft_model", model=str(path), num_speculative_tokens=3)
@@ -46,11 +51,14 @@ def test_verify_propose_release_describe_over_grpc(tiny_model) -> None:  # type:
         ts = WorkerServer(t_handler.handle, token="secret")
         ds = WorkerServer(d_handler.handle, token="secret")
         t_addr, d_addr = await ts.start(), await ds.start()
+        if transport == "frames":
+            t_handler.frame_port, d_handler.frame_port = ts.frame_port, ds.frame_port
         tc = WorkerClient(t_addr, "secret", group="target")
         dc = WorkerClient(d_addr, "secret", group="drafter")
         try:
             assert await tc.health()
             desc = await tc.describe()
+            assert desc.frame_port == (ts.frame_port if transport == "frames" else 0)
             assert desc.role == "target" and desc.moe_backend == "torch"
             assert desc.kv.num_used_blocks == 0
             ddesc = await dc.describe()
@@ -72,6 +80,8 @@ def test_verify_propose_release_describe_over_grpc(tiny_model) -> None:  # type:
             assert await tc.release([1]) == 1
             await dc.release([1])
             assert (await tc.describe()).kv.num_used_blocks == 0
+            assert (tc._frames is not None) == (transport == "frames")
+            assert tc.num_calls >= 6 and 0 < tc.worker_s < tc.call_s
             bad = WorkerClient(t_addr, "wrong", group="target")
             with pytest.raises(WorkerCallError, match="UNAUTHENTICATED"):
                 await bad.describe()
@@ -89,5 +99,67 @@ def test_verify_propose_release_describe_over_grpc(tiny_model) -> None:  # type:
             await dc.close()
             await ts.stop()
             await ds.stop()
+
+    asyncio.run(main())
+
+
+def _frame(body: bytes) -> bytes:
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def _read_frame(conn: socket.socket) -> bytes:
+    buf = b""
+    while len(buf) < FRAME_HEADER.size:
+        buf += conn.recv(FRAME_HEADER.size - len(buf))
+    (size,) = FRAME_HEADER.unpack(buf)
+    body = b""
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        assert chunk, "connection closed mid-frame"
+        body += chunk
+    return body
+
+
+def test_frame_socket_checks_token_method_and_size() -> None:
+    """The frame socket's hello, a wrong token, an unknown method and an oversized frame."""
+
+    def echo(method: str, payload: bytes) -> bytes:
+        if method == "Verify":
+            raise ValueError("no verify here")
+        return bytes(payload)
+
+    async def main() -> None:
+        server = WorkerServer(echo, token="secret", max_message_bytes=1024)
+        await server.start()
+        try:
+            await asyncio.to_thread(check, server.frame_port)
+        finally:
+            await server.stop()
+
+    def check(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(_frame(FRAME_HELLO + b"wrong"))
+            reply = _read_frame(conn)
+            assert reply[0] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+            assert conn.recv(1) == b""  # closed after the refusal
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(_frame(FRAME_HELLO + b"secret"))
+            assert _read_frame(conn) == bytes([STREAM_OK])
+            conn.sendall(_frame(bytes([3]) + b"payload"))  # Release: echoed
+            reply = _read_frame(conn)
+            assert reply[0] == STREAM_OK and reply[9:] == b"payload"
+            conn.sendall(_frame(bytes([2]) + b"x"))  # Verify: the handler's ValueError
+            reply = _read_frame(conn)
+            assert reply[0] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert reply[1:] == b"no verify here"
+            conn.sendall(_frame(bytes([99])))
+            assert _read_frame(conn)[1:] == b"unknown method id 99"
+            conn.sendall(_frame(bytes([3]) + b"y" * 2000))
+            reply = _read_frame(conn)
+            assert reply[0] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            try:  # closed after the refusal (a reset: the oversized body was never read)
+                assert conn.recv(1) == b""
+            except ConnectionResetError:
+                pass
 
     asyncio.run(main())
