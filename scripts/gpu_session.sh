@@ -10,7 +10,8 @@
 #   e.g. bash scripts/gpu_session.sh 0:tests 1:kernels,eval 2,3:peer
 #
 # Steps: tests (tests/gpu but FlashInfer and the cluster), fused, spec (test_spec_perf_cuda),
-# fi (FlashInfer attention tests), cluster (test_cluster_gpu), kernels (bench-kernels),
+# fi (FlashInfer attention tests), cluster (test_cluster_gpu), cluster-grpc (its SmolLM2 case with
+# the round's calls over gRPC, OUTRIDER_FRAME_SOCKET=0), kernels (bench-kernels),
 # eval / eval32 (eval-drafter on the shipped heads, bf16 / float32), peer / peer-goodput
 # (bench_peer, outrider side, batches 1-32), sweep-attn (gpu_kernels.py --sweep),
 # sweep-moe (gpu_moe.py --sweep), moe-tests / attn-tests (one kernel test file), profile-tgt /
@@ -84,6 +85,8 @@ run_step() {
       $PYTEST -m gpu tests/gpu/test_flashinfer.py -k "not moe" ;;
     cluster) OUT=$R step cluster env OUTRIDER_GGUF="$GGUF" $PYTEST -m gpu \
       tests/gpu/test_cluster_gpu.py ;;
+    cluster-grpc) mkdir -p "$R/grpc"; OUT=$R/grpc step cluster-grpc env OUTRIDER_GGUF="$GGUF" \
+      OUTRIDER_FRAME_SOCKET=0 $PYTEST -m gpu tests/gpu/test_cluster_gpu.py -k "two_gpus and smollm2" ;;
     kernels) step bench-kernels $CLI bench-kernels --json "$R/bench_kernels.json" ;;
     eval | eval32)
       local dt=auto; [[ $1 == eval32 ]] && dt=float32
