@@ -10,6 +10,7 @@ error).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -48,6 +49,8 @@ from outrider.workers.protocol import (
 )
 from outrider.workers.verifier import VerifyItem, VerifyResult
 
+logger = logging.getLogger(__name__)
+_CONNECT_S = 10.0  # to reach the frame socket; past it the calls keep to gRPC
 R = TypeVar("R", bound=msgspec.Struct)
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
@@ -136,6 +139,8 @@ class WorkerClient:
         frame = bytes([STREAM_METHOD_IDS[name]]) + self._encoder.encode(req)
         limit = timeout or self.timeout_s
         async with self._stream_lock:
+            if self._frame_port and self._frames is None:
+                await self._try_connect_frames(name)
             if self._frame_port:
                 reply = await self._frame_exchange(name, frame, limit)
             else:
@@ -197,6 +202,22 @@ class WorkerClient:
             # sent, or a stop): the next call connects again.
             self._drop_frames()
             raise self._error(name, "UNAVAILABLE", f"frame socket: {e!r}") from None
+
+    async def _try_connect_frames(self, name: str) -> None:
+        """Connect to the advertised frame socket; where it cannot be reached (a firewall, a
+        network that passes only the gRPC port), say so once and keep to the gRPC stream."""
+        try:
+            async with asyncio.timeout(_CONNECT_S):
+                self._frames = await self._connect_frames(name)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+            logger.warning(
+                "%s: the frame socket at port %d is unreachable (%r); the round's calls go over "
+                "gRPC",
+                self.group,
+                self._frame_port,
+                e,
+            )
+            self._frame_port = 0
 
     async def _connect_frames(self, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host = self.address.rsplit(":", 1)[0]

@@ -163,3 +163,34 @@ def test_frame_socket_checks_token_method_and_size() -> None:
                 pass
 
     asyncio.run(main())
+
+
+def test_unreachable_frame_socket_falls_back_to_grpc(
+    tiny_model, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """A frame port that nothing listens on: the calls go over gRPC, with one warning."""
+    path, _ = tiny_model("llama")
+    target = TargetWorker(_cfg(path), num_layers=4)
+    handler = WorkerHandler(
+        target, tensor_parallel_size=1, pipeline_parallel_size=1, devices=["cpu"], node_ids=["n"]
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        handler.frame_port = s.getsockname()[1]  # closed again below: nothing listens there
+
+    async def main() -> None:
+        server = WorkerServer(handler.handle, token="t")
+        client = WorkerClient(await server.start(), "t", group="target")
+        try:
+            assert (await client.describe()).frame_port == handler.frame_port
+            params = SamplingParams(temperature=0.0, max_tokens=4)
+            res = await client.verify([VerifyItem(Delta(1, 0, [5, 6, 7]), [], None, params)])
+            assert len(res.output_token_ids[0]) == 1
+            assert client._frames is None and client.num_calls == 2
+        finally:
+            await client.close()
+            await server.stop()
+
+    with caplog.at_level("WARNING", logger="outrider.cluster.rpc"):
+        asyncio.run(main())
+    assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1
