@@ -167,6 +167,9 @@ class WorkerClient:
         except TimeoutError:
             self._drop_stream()
             raise self._error(name, "DEADLINE_EXCEEDED", f"no reply in {limit:g} s") from None
+        except asyncio.CancelledError:
+            self._drop_stream()  # NOTE: its reply may still come: never read it as the next's
+            raise
         except Exception:  # noqa: BLE001
             # NOTE: the stream ended (a wrong token, a message over the size limit, the
             # worker gone): report its status and open a new stream on the next call.
@@ -197,6 +200,9 @@ class WorkerClient:
         except TimeoutError:
             self._drop_frames()
             raise self._error(name, "DEADLINE_EXCEEDED", f"no reply in {limit:g} s") from None
+        except asyncio.CancelledError:
+            self._drop_frames()  # NOTE: its reply may still come: never read it as the next's
+            raise
         except (OSError, asyncio.IncompleteReadError) as e:
             # NOTE: the worker went away or closed the connection (after an error frame it
             # sent, or a stop): the next call connects again.

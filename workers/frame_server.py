@@ -175,16 +175,15 @@ class FrameServer:
                 _send(conn, _error(grpc.StatusCode.INVALID_ARGUMENT, msg))
                 continue
             name, payload = names[frame[0]], memoryview(frame)[1:]
+            out = b""
             with self.lock:
                 try:
                     out = self.handler(name, payload)  # type: ignore[arg-type]
                 except ValueError as e:
-                    reply = _error(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    head = _error(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 except Exception as e:  # noqa: BLE001
                     logger.exception("%s failed", name)
-                    reply = _error(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+                    head = _error(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
                 else:
-                    took = STREAM_WORKER_TIME.pack(time.perf_counter() - t0)
-                    _send(conn, bytes([STREAM_OK]) + took, out)
-                    continue
-            _send(conn, reply)
+                    head = bytes([STREAM_OK]) + STREAM_WORKER_TIME.pack(time.perf_counter() - t0)
+            _send(conn, head, out)  # NOTE: after the lock: a slow reader holds up no other call

@@ -104,19 +104,21 @@ class WorkerServer:
                     yield bytes([grpc.StatusCode.INVALID_ARGUMENT.value[0]]) + msg.encode()
                     continue
                 name, payload = names[frame[0]], frame[1:]
+                # NOTE: the reply goes out after the lock is released (a slow reader must not
+                # hold up health checks and other calls).
                 with self._lock:
                     try:
                         out = self.handler(name, payload)
                     except ValueError as e:
-                        code, text = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+                        reply = bytes([grpc.StatusCode.INVALID_ARGUMENT.value[0]]) + str(e).encode()
                     except Exception as e:  # noqa: BLE001
                         logger.exception("%s failed", name)
-                        code, text = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+                        text = f"{type(e).__name__}: {e}"
+                        reply = bytes([grpc.StatusCode.INTERNAL.value[0]]) + text.encode()
                     else:
                         took = STREAM_WORKER_TIME.pack(time.perf_counter() - t0)
-                        yield bytes([STREAM_OK]) + took + out
-                        continue
-                yield bytes([code.value[0]]) + text.encode()
+                        reply = bytes([STREAM_OK]) + took + out
+                yield reply
 
         return grpc.stream_stream_rpc_method_handler(calls)
 
