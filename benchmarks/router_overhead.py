@@ -94,6 +94,18 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         # encode and decode).
         "worker_not_forward_ms": (worker - forward) / n * 1e3,
         "transport_ms": (client_call - worker) / n * 1e3,
+        "target_worker_not_forward_ms": (
+            (router.target.worker_s - wire0[0][1]) - (stats.verify_s - v0)
+        )
+        / n
+        * 1e3,
+        "drafter_worker_not_forward_ms": (
+            (router.drafter.worker_s - wire0[1][1]) - (stats.draft_s - d0)
+        )
+        / n
+        * 1e3
+        if router.drafter is not None
+        else 0.0,
         "propose_call_ms": (call_s["propose"] - c0["propose"]) / n * 1e3,
         "draft_forward_ms": (stats.draft_s - d0) / n * 1e3,
         "verify_call_ms": (call_s["verify"] - c0["verify"]) / n * 1e3,
