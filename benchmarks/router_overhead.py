@@ -78,7 +78,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             pass
     n = stats.num_rounds - r0
     client_call = sum(c.call_s - a for c, (a, _) in zip(clients, wire0, strict=True))
-    worker = sum(c.worker_s - b for c, (_, b) in zip(clients, wire0, strict=True))
+    own = [c.worker_s - b for c, (_, b) in zip(clients, wire0, strict=True)] + [0.0]
+    worker = sum(own)
     calls = sum(call_s.values()) - sum(c0.values())
     forward = (stats.draft_s - d0) + (stats.verify_s - v0)
     wall = stats.wall_s - w0
@@ -90,22 +91,12 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         "in_calls_not_forward_ms": (calls - forward) / n * 1e3,
         "between_calls_ms": (wall - calls) / n * 1e3,
         # NOTE: the two parts of in_calls_not_forward: the workers' own time around their
-        # forwards (decode, wire tensors, encode), and the rest (gRPC transport, the client's
-        # encode and decode).
+        # forwards (decode, wire tensors, encode), and the rest (the transport, frame socket or
+        # gRPC, and the client's encode and decode).
         "worker_not_forward_ms": (worker - forward) / n * 1e3,
         "transport_ms": (client_call - worker) / n * 1e3,
-        "target_worker_not_forward_ms": (
-            (router.target.worker_s - wire0[0][1]) - (stats.verify_s - v0)
-        )
-        / n
-        * 1e3,
-        "drafter_worker_not_forward_ms": (
-            (router.drafter.worker_s - wire0[1][1]) - (stats.draft_s - d0)
-        )
-        / n
-        * 1e3
-        if router.drafter is not None
-        else 0.0,
+        "target_worker_not_forward_ms": (own[0] - (stats.verify_s - v0)) / n * 1e3,
+        "drafter_worker_not_forward_ms": (own[1] - (stats.draft_s - d0)) / n * 1e3,
         "propose_call_ms": (call_s["propose"] - c0["propose"]) / n * 1e3,
         "draft_forward_ms": (stats.draft_s - d0) / n * 1e3,
         "verify_call_ms": (call_s["verify"] - c0["verify"]) / n * 1e3,
