@@ -65,7 +65,8 @@ def _send(conn: socket.socket, *parts: bytes) -> None:
         conn.sendall(p)
 
 
-def _error(code: grpc.StatusCode, text: str) -> bytes:
+def error_frame(code: grpc.StatusCode, text: str) -> bytes:
+    """A reply frame's body for a failed call: the gRPC status code, then the message."""
     return bytes([code.value[0]]) + text.encode()
 
 
@@ -148,7 +149,7 @@ class FrameServer:
         (size,) = FRAME_HEADER.unpack(header)
         if size > self.max_message_bytes:
             msg = f"frame of {size} bytes exceeds the limit of {self.max_message_bytes}"
-            _send(conn, _error(grpc.StatusCode.RESOURCE_EXHAUSTED, msg))
+            _send(conn, error_frame(grpc.StatusCode.RESOURCE_EXHAUSTED, msg))
             return None
         return _recv_exact(conn, size)
 
@@ -158,7 +159,7 @@ class FrameServer:
             return False
         magic, token = bytes(frame[: len(FRAME_HELLO)]), bytes(frame[len(FRAME_HELLO) :])
         if magic != FRAME_HELLO or not hmac.compare_digest(token, self.token):
-            _send(conn, _error(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token"))
+            _send(conn, error_frame(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token"))
             return False
         _send(conn, bytes([STREAM_OK]))
         return True
@@ -172,7 +173,7 @@ class FrameServer:
             t0 = time.perf_counter()
             if not frame or frame[0] >= len(names):
                 msg = f"unknown method id {frame[0] if frame else None}"
-                _send(conn, _error(grpc.StatusCode.INVALID_ARGUMENT, msg))
+                _send(conn, error_frame(grpc.StatusCode.INVALID_ARGUMENT, msg))
                 continue
             name, payload = names[frame[0]], memoryview(frame)[1:]
             out = b""
@@ -180,10 +181,10 @@ class FrameServer:
                 try:
                     out = self.handler(name, payload)  # type: ignore[arg-type]
                 except ValueError as e:
-                    head = _error(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    head = error_frame(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 except Exception as e:  # noqa: BLE001
                     logger.exception("%s failed", name)
-                    head = _error(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+                    head = error_frame(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
                 else:
                     head = bytes([STREAM_OK]) + STREAM_WORKER_TIME.pack(time.perf_counter() - t0)
             _send(conn, head, out)  # NOTE: after the lock: a slow reader holds up no other call

@@ -19,13 +19,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from outrider.workers.frame_server import FrameServer
+from outrider.workers.frame_server import FrameServer, Handler, error_frame
 from outrider.workers.protocol import (
     METHODS,
     SERVICE,
@@ -37,7 +37,6 @@ from outrider.workers.protocol import (
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[str, bytes], bytes]
 # NOTE: threads for the server's RPCs: each open stream holds one for its lifetime (the router
 # keeps one per group, and a reopened stream's predecessor until it ends), health checks and
 # unary calls take one each while they run.
@@ -101,7 +100,7 @@ class WorkerServer:
                 t0 = time.perf_counter()
                 if not frame or frame[0] >= len(names):
                     msg = f"unknown method id {frame[0] if frame else None}"
-                    yield bytes([grpc.StatusCode.INVALID_ARGUMENT.value[0]]) + msg.encode()
+                    yield error_frame(grpc.StatusCode.INVALID_ARGUMENT, msg)
                     continue
                 name, payload = names[frame[0]], frame[1:]
                 # NOTE: the reply goes out after the lock is released (a slow reader must not
@@ -110,11 +109,10 @@ class WorkerServer:
                     try:
                         out = self.handler(name, payload)
                     except ValueError as e:
-                        reply = bytes([grpc.StatusCode.INVALID_ARGUMENT.value[0]]) + str(e).encode()
+                        reply = error_frame(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                     except Exception as e:  # noqa: BLE001
                         logger.exception("%s failed", name)
-                        text = f"{type(e).__name__}: {e}"
-                        reply = bytes([grpc.StatusCode.INTERNAL.value[0]]) + text.encode()
+                        reply = error_frame(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
                     else:
                         took = STREAM_WORKER_TIME.pack(time.perf_counter() - t0)
                         reply = bytes([STREAM_OK]) + took + out
