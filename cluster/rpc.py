@@ -141,10 +141,20 @@ class WorkerClient:
         async with self._stream_lock:
             if self._frame_port and self._frames is None:
                 await self._try_connect_frames(name)
-            if self._frame_port:
-                reply = await self._frame_exchange(name, frame, limit)
-            else:
-                reply = await self._stream_exchange(name, frame, limit)
+            frames = bool(self._frame_port)
+            try:
+                async with asyncio.timeout(limit):
+                    if frames:
+                        reply = await self._frame_exchange(name, frame)
+                    else:
+                        reply = await self._stream_exchange(name, frame)
+            except (TimeoutError, asyncio.CancelledError) as e:
+                # NOTE: the reply may still come: drop the connection so that it is never read
+                # as the next call's; the next call opens a new one.
+                self._drop_frames() if frames else self._drop_stream()
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                raise self._error(name, "DEADLINE_EXCEEDED", f"no reply in {limit:g} s") from None
         if reply[0] != STREAM_OK:
             status = _STATUS_NAMES.get(reply[0], str(reply[0]))
             raise self._error(name, status, bytes(reply[1:]).decode(errors="replace"))
@@ -155,21 +165,14 @@ class WorkerClient:
         self.call_s += time.perf_counter() - t0
         return out
 
-    async def _stream_exchange(self, name: str, frame: bytes, limit: float) -> bytes:
+    async def _stream_exchange(self, name: str, frame: bytes) -> bytes:
         """One frame and its reply on the gRPC stream (opened on first use)."""
         if self._stream is None:
             self._stream = self._open_stream(metadata=self._meta)
         stream = self._stream
         try:
             await stream.write(frame)
-            async with asyncio.timeout(limit):
-                reply = await stream.read()
-        except TimeoutError:
-            self._drop_stream()
-            raise self._error(name, "DEADLINE_EXCEEDED", f"no reply in {limit:g} s") from None
-        except asyncio.CancelledError:
-            self._drop_stream()  # NOTE: its reply may still come: never read it as the next's
-            raise
+            reply = await stream.read()
         except Exception:  # noqa: BLE001
             # NOTE: the stream ended (a wrong token, a message over the size limit, the
             # worker gone): report its status and open a new stream on the next call.
@@ -182,27 +185,20 @@ class WorkerClient:
             raise self._error(name, code.name, details or "the worker closed the stream")
         return bytes(reply)
 
-    async def _frame_exchange(self, name: str, frame: bytes, limit: float) -> bytes:
+    async def _frame_exchange(self, name: str, frame: bytes) -> bytes:
         """One frame and its reply on the leader's plain socket (connected on first use)."""
         try:
-            async with asyncio.timeout(limit):
-                if self._frames is None:
-                    self._frames = await self._connect_frames(name)
-                reader, writer = self._frames
-                writer.write(FRAME_HEADER.pack(len(frame)))
-                writer.write(frame)
-                (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
-                if size > self.max_message_bytes:
-                    self._drop_frames()
-                    msg = f"reply of {size} bytes exceeds the limit of {self.max_message_bytes}"
-                    raise self._error(name, "RESOURCE_EXHAUSTED", msg)
-                return await reader.readexactly(size)
-        except TimeoutError:
-            self._drop_frames()
-            raise self._error(name, "DEADLINE_EXCEEDED", f"no reply in {limit:g} s") from None
-        except asyncio.CancelledError:
-            self._drop_frames()  # NOTE: its reply may still come: never read it as the next's
-            raise
+            if self._frames is None:
+                self._frames = await self._connect_frames(name)
+            reader, writer = self._frames
+            writer.write(FRAME_HEADER.pack(len(frame)))
+            writer.write(frame)
+            (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
+            if size > self.max_message_bytes:
+                self._drop_frames()
+                msg = f"reply of {size} bytes exceeds the limit of {self.max_message_bytes}"
+                raise self._error(name, "RESOURCE_EXHAUSTED", msg)
+            return await reader.readexactly(size)
         except (OSError, asyncio.IncompleteReadError) as e:
             # NOTE: the worker went away or closed the connection (after an error frame it
             # sent, or a stop): the next call connects again.

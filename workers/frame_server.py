@@ -37,7 +37,7 @@ from outrider.workers.protocol import (
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[str, bytes], bytes]
+Handler = Callable[[str, bytes | memoryview], bytes]
 _SMALL = 1 << 16  # replies below this size go out as one write
 
 
@@ -68,6 +68,23 @@ def _send(conn: socket.socket, *parts: bytes) -> None:
 def error_frame(code: grpc.StatusCode, text: str) -> bytes:
     """A reply frame's body for a failed call: the gRPC status code, then the message."""
     return bytes([code.value[0]]) + text.encode()
+
+
+def run_call(
+    handler: Handler, lock: threading.Lock, name: str, payload: bytes | memoryview, t0: float
+) -> tuple[bytes, bytes]:
+    """One call under the group's lock, as its reply frame in two parts: STREAM_OK with the
+    worker's seconds since ``t0`` and the encoded response, or an error frame and nothing.
+    ValueError is the caller's mistake (INVALID_ARGUMENT); anything else is INTERNAL."""
+    with lock:
+        try:
+            out = handler(name, payload)
+        except ValueError as e:
+            return error_frame(grpc.StatusCode.INVALID_ARGUMENT, str(e)), b""
+        except Exception as e:  # noqa: BLE001
+            logger.exception("%s failed", name)
+            return error_frame(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"), b""
+    return bytes([STREAM_OK]) + STREAM_WORKER_TIME.pack(time.perf_counter() - t0), out
 
 
 class FrameServer:
@@ -176,15 +193,5 @@ class FrameServer:
                 _send(conn, error_frame(grpc.StatusCode.INVALID_ARGUMENT, msg))
                 continue
             name, payload = names[frame[0]], memoryview(frame)[1:]
-            out = b""
-            with self.lock:
-                try:
-                    out = self.handler(name, payload)  # type: ignore[arg-type]
-                except ValueError as e:
-                    head = error_frame(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                except Exception as e:  # noqa: BLE001
-                    logger.exception("%s failed", name)
-                    head = error_frame(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
-                else:
-                    head = bytes([STREAM_OK]) + STREAM_WORKER_TIME.pack(time.perf_counter() - t0)
-            _send(conn, head, out)  # NOTE: after the lock: a slow reader holds up no other call
+            head, body = run_call(self.handler, self.lock, name, payload, t0)
+            _send(conn, head, body)  # NOTE: after the lock: a slow reader holds up no other call

@@ -25,13 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from outrider.workers.frame_server import FrameServer, Handler, error_frame
+from outrider.workers.frame_server import FrameServer, Handler, error_frame, run_call
 from outrider.workers.protocol import (
     METHODS,
     SERVICE,
     STREAM_METHOD,
-    STREAM_OK,
-    STREAM_WORKER_TIME,
     TOKEN_METADATA_KEY,
 )
 
@@ -105,18 +103,8 @@ class WorkerServer:
                 name, payload = names[frame[0]], frame[1:]
                 # NOTE: the reply goes out after the lock is released (a slow reader must not
                 # hold up health checks and other calls).
-                with self._lock:
-                    try:
-                        out = self.handler(name, payload)
-                    except ValueError as e:
-                        reply = error_frame(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                    except Exception as e:  # noqa: BLE001
-                        logger.exception("%s failed", name)
-                        reply = error_frame(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
-                    else:
-                        took = STREAM_WORKER_TIME.pack(time.perf_counter() - t0)
-                        reply = bytes([STREAM_OK]) + took + out
-                yield reply
+                head, body = run_call(self.handler, self._lock, name, payload, t0)
+                yield head + body
 
         return grpc.stream_stream_rpc_method_handler(calls)
 
