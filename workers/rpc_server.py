@@ -93,7 +93,12 @@ class WorkerServer:
 
         def calls(frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
             if not self._authorized(context):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+                # NOTE: refused in a reply frame, not by aborting the stream: a client whose
+                # frame raced the abort saw INTERNAL instead of the reason.
+                for _ in frames:
+                    yield error_frame(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+                    return
+                return
             for frame in frames:
                 t0 = time.perf_counter()
                 if not frame or frame[0] >= len(names):
