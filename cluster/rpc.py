@@ -151,7 +151,10 @@ class WorkerClient:
             except (TimeoutError, asyncio.CancelledError) as e:
                 # NOTE: the reply may still come: drop the connection so that it is never read
                 # as the next call's; the next call opens a new one.
-                self._drop_frames() if frames else self._drop_stream()
+                if frames:
+                    self._drop_frames()
+                else:
+                    self._drop_stream()
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 raise self._error(name, "DEADLINE_EXCEEDED", f"no reply in {limit:g} s") from None
@@ -186,10 +189,9 @@ class WorkerClient:
         return bytes(reply)
 
     async def _frame_exchange(self, name: str, frame: bytes) -> bytes:
-        """One frame and its reply on the leader's plain socket (connected on first use)."""
+        """One frame and its reply on the leader's plain socket (``_call`` connected it)."""
+        assert self._frames is not None
         try:
-            if self._frames is None:
-                self._frames = await self._connect_frames(name)
             reader, writer = self._frames
             writer.write(FRAME_HEADER.pack(len(frame)))
             writer.write(frame)

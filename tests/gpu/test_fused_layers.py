@@ -301,7 +301,6 @@ def test_attention_layer_writes_kv_in_the_rotary_launch(
     nh, nkv, hd, block_size = 4, 2, 16, 16
     ctx_lens, q_lens = [5, 0, 20], [1, 3, 2]
     t = sum(q_lens)
-    rope = rope_table(hd, 256).to(DEVICE)
     qkv = rand(gen, t, (nh + 2 * nkv) * hd, dtype=dtype)
     q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
     seq_lens = [c + n for c, n in zip(ctx_lens, q_lens, strict=True)]
@@ -330,6 +329,7 @@ def test_attention_layer_writes_kv_in_the_rotary_launch(
     outs, caches = [], []
     for writes in ("1", "0"):
         monkeypatch.setenv("OUTRIDER_ROTARY_WRITES_KV", writes)
+        rope = rope_table(hd, 256).to(DEVICE)  # NOTE: reads the switch when built
         kv = [(history[0].clone(), history[1].clone())]
         with forward_context(ForwardContext(md, kv, TorchAttentionBackend())), on_kernels():
             assert rope.writes_kv(q, k, kv[0][0]) == (writes == "1")

@@ -76,6 +76,8 @@ class RotaryEmbedding(nn.Module):
         # NOTE: every layer of a forward passes the same positions tensor; cos/sin are looked
         # up once per forward and reused (identity check on the tensor we hold).
         self._memo: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+        # NOTE: read once, as the other kernel switches are: writes_kv runs per layer.
+        self._write_kv_on = os.environ.get("OUTRIDER_ROTARY_WRITES_KV", "1") != "0"
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
@@ -95,9 +97,10 @@ class RotaryEmbedding(nn.Module):
 
     def writes_kv(self, query: torch.Tensor, key: torch.Tensor, k_cache: torch.Tensor) -> bool:
         """Whether ``forward_write_kv`` runs as one fused launch here (host-side checks);
-        ``OUTRIDER_ROTARY_WRITES_KV=0`` leaves the write to the attention backend."""
+        ``OUTRIDER_ROTARY_WRITES_KV=0`` (read at construction) leaves the write to the attention
+        backend."""
         return (
-            os.environ.get("OUTRIDER_ROTARY_WRITES_KV", "1") != "0"
+            self._write_kv_on
             and self._fused(query, key)
             and k_cache.device == query.device
             and k_cache.dim() == 4
