@@ -19,10 +19,15 @@ Two kernels do the work and a third finishes small batches:
 The grid depends only on host integers (T, B, nKV, ``md.max_query_len`` and a split count
 derived from the batch geometry and ``md.max_seq_len``); sequence boundaries are found inside
 the kernel by a binary search over ``query_start_loc`` (tile ``j`` of sequence ``b`` has global
-index ``query_start_loc[b] // BLOCK_Q + b + j``), and every key range is derived in the kernel
-from ``seq_lens``. Nothing in ``forward`` waits on the device. The split count is a performance
-choice only: any value gives the same function, so a CUDA graph captured at one context length
-stays correct at another; it is a run-time kernel argument, so a new count compiles nothing.
+index ``query_start_loc[b] // BLOCK_Q + b + j``), or, when every sequence's queries fit one tile
+(decode, verify), the grid runs over sequences; every key range is derived in the kernel from
+``seq_lens``. Under programmatic dependent launch the metadata loads precede the wait, and in
+the one-tile case so do the first key tile's cached keys and values from before this step's
+new tokens (kernels/fused/pdl.py has the rule); they overlap the rotary launch before, or, with
+its early trigger, the q/k/v projection. Nothing in ``forward`` waits on the device. The split
+count is a performance choice only: any value gives the same function, so a CUDA graph captured
+at one context length stays correct at another; it is a run-time kernel argument, so a new
+count compiles nothing.
 
 Tiles (sm_90, from the compiler's report): decode BLOCK_M=16 / verify 32 or 64 rows with 64-key
 tiles, 4 warps, 3 stages (mma.sync at 16/32 rows, wgmma from 64; no spills); prefill
@@ -33,6 +38,7 @@ gather pipelined with them. float32 runs an exact ("ieee") dot on FMA units with
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -50,6 +56,10 @@ LOG2E = 1.4426950408889634
 _PROGRAMS_PER_SM = 4
 _MAX_SPLITS = 64
 _MIN_KEYS_PER_SPLIT = 64
+# NOTE: one-tile decode/verify programs hold their first key tile in registers across the PDL
+# wait: capped at 128 registers, four 4-warp programs fit one SM (sm_90: 160 and 208 registers
+# uncapped at 16 and 32 rows, and a few dozen bytes spilled capped).
+_ONE_TILE_MAXNREG = 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +180,63 @@ def _find_seq(qsl_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
+@triton.jit
+def _kv_tile_ptrs(
+    kc_ptr,
+    vc_ptr,
+    bt_row,
+    offs_n,
+    n_ok,
+    kvh,
+    offs_d,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Pointers to the key tile [D, N] and the value tile [N, D] of keys ``offs_n``."""
+    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    in_blk = (offs_n % BLOCK_SIZE).to(tl.int64)
+    k_off = blk * stride_kb + in_blk * stride_ks + kvh * stride_kh  # [N]
+    v_off = blk * stride_vb + in_blk * stride_vs + kvh * stride_vh  # [N]
+    return kc_ptr + k_off[None, :] + offs_d[:, None], vc_ptr + v_off[:, None] + offs_d[None, :]
+
+
+@triton.jit
+def _attend_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k,
+    v,
+    offs_n,
+    n_ok,
+    row_ok,
+    q_pos,
+    scale_log2,
+    CAUSAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One key tile of the online softmax: returns the updated ``(acc, m_i, l_i)``."""
+    s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * scale_log2  # [M, N]
+    mask = row_ok[:, None] & n_ok[None, :]
+    if CAUSAL:
+        mask = mask & (offs_n[None, :] <= q_pos[:, None])
+    s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # NOTE: a row with no visible key yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
 # NOTE: no value specialisation of the ints that change from step to step (batch size, splits,
 # block-table width): an eager caller would otherwise compile a new variant mid-run.
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt"])
@@ -207,22 +274,31 @@ def _paged_attn_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
+    ONE_TILE: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl_prologue(USE_PDL)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
-    b = _find_seq(qsl_ptr, num_seqs, tile, BLOCK_Q)
+    # NOTE: everything up to pdl_prologue reads host-staged metadata and, with ONE_TILE, the
+    # first key tile's cached keys and values from before this step's new tokens: nothing the
+    # running launch chain writes (kernels/fused/pdl.py). The new tokens' K/V and q come after.
+    if ONE_TILE:
+        b = tile  # every sequence's queries fit one tile: the grid runs over sequences
+    else:
+        b = _find_seq(qsl_ptr, num_seqs, tile, BLOCK_Q)
     q_start = tl.load(qsl_ptr + b)
     q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
-    qb = tile - (q_start // BLOCK_Q + b).to(tl.int32)  # tile index inside the sequence
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    if ONE_TILE:
+        qb = 0
+    else:
+        qb = tile - (q_start // BLOCK_Q + b).to(tl.int32)  # tile index inside the sequence
     if qb * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     ctx_len = seq_len - q_len  # keys before the first query token
 
     rows = tl.arange(0, BLOCK_M)
@@ -232,12 +308,6 @@ def _paged_attn_kernel(
     tok = q_start + q_idx.to(tl.int64)  # [M] packed token index
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-
-    q = tl.load(
-        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )  # [M, D]
     q_pos = ctx_len + q_idx  # [M] absolute position of each row's token
 
     if CAUSAL:
@@ -251,36 +321,53 @@ def _paged_attn_kernel(
     else:
         lo = 0
         hi = kv_end
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    if ONE_TILE:
+        offs_n = lo + tl.arange(0, BLOCK_N)  # [N] the first key tile
+        n_ok = offs_n < hi
+        k_ptrs, v_ptrs = _kv_tile_ptrs(
+            kc_ptr, vc_ptr, bt_row, offs_n, n_ok, kvh, offs_d,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+        )  # fmt: skip
+        old = offs_n < tl.minimum(hi, ctx_len)
+        k = tl.load(k_ptrs, mask=old[None, :] & d_ok[:, None], other=0.0)  # [D, N]
+        v = tl.load(v_ptrs, mask=old[:, None] & d_ok[None, :], other=0.0)  # [N, D]
+        pdl_prologue(USE_PDL)
+        new = n_ok & (offs_n >= ctx_len)
+        k = tl.load(k_ptrs, mask=new[None, :] & d_ok[:, None], other=k)
+        v = tl.load(v_ptrs, mask=new[:, None] & d_ok[None, :], other=v)
+        q = tl.load(
+            q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # [M, D]
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k, v, offs_n, n_ok, row_ok, q_pos, scale_log2, CAUSAL, DOT_PREC
+        )
+        lo = lo + BLOCK_N
+    else:
+        pdl_prologue(USE_PDL)
+        q = tl.load(
+            q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # [M, D]
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)  # [N] key positions
         n_ok = offs_n < hi
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        in_blk = (offs_n % BLOCK_SIZE).to(tl.int64)
-        k_off = blk * stride_kb + in_blk * stride_ks + kvh * stride_kh  # [N]
-        v_off = blk * stride_vb + in_blk * stride_vs + kvh * stride_vh  # [N]
-        kv_mask = n_ok[None, :] & d_ok[:, None]
-        k = tl.load(kc_ptr + k_off[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)  # [D, N]
-        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * scale_log2  # [M, N]
-        mask = row_ok[:, None] & n_ok[None, :]
-        if CAUSAL:
-            mask = mask & (offs_n[None, :] <= q_pos[:, None])
-        s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # NOTE: a row with no visible key yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            vc_ptr + v_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-        )  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
-        m_i = m_new
+        k_ptrs, v_ptrs = _kv_tile_ptrs(
+            kc_ptr, vc_ptr, bt_row, offs_n, n_ok, kvh, offs_d,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+        )  # fmt: skip
+        k = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [D, N]
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k, v, offs_n, n_ok, row_ok, q_pos, scale_log2, CAUSAL, DOT_PREC
+        )
 
     if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -334,6 +421,12 @@ def _reduce_splits_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=offs_d < HEAD_DIM,
     )
+
+
+@functools.cache
+def _one_tile_maxnreg() -> int:
+    """The register cap of one-tile programs; ``OUTRIDER_ATTN_MAXNREG`` (read once; 0 = none)."""
+    return int(os.environ.get("OUTRIDER_ATTN_MAXNREG", _ONE_TILE_MAXNREG))
 
 
 @functools.cache
@@ -407,14 +500,11 @@ def paged_attention(
     num_stages = num_stages or ns
     block_q = block_m // group
     block_d = triton.next_power_of_2(hd)
-    n_tiles = t // block_q + b
+    one_tile_each = md.max_query_len <= block_q
+    # NOTE: with one query tile per sequence the grid runs over sequences (no search).
+    n_tiles = b if one_tile_each else t // block_q + b
     if num_splits is None:
-        one_tile_each = md.max_query_len <= block_q
-        num_splits = (
-            _num_splits(q.device, min(n_tiles, b), n_kv, md.max_seq_len, block_n)
-            if one_tile_each
-            else 1
-        )
+        num_splits = _num_splits(q.device, b, n_kv, md.max_seq_len, block_n) if one_tile_each else 1
     dev = q.device
     qsl = md.query_start_loc.to(dev)
     seq_lens = md.seq_lens.to(dev)
@@ -435,6 +525,7 @@ def paged_attention(
     else:
         part_acc = part_m = part_l = out  # unused
     use_pdl = pdl(q)
+    cap = _one_tile_maxnreg() if one_tile_each and q.is_cuda else 0
     _paged_attn_kernel[(n_tiles, n_kv, num_splits)](
         q,
         k_cache,
@@ -469,12 +560,14 @@ def paged_attention(
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
         SPLIT=num_splits > 1,
+        ONE_TILE=one_tile_each,
         CAUSAL=bool(md.causal),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=use_pdl,
         launch_pdl=use_pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"maxnreg": cap} if cap else {}),
     )
     if num_splits > 1:
         use_pdl = pdl(q)

@@ -3,10 +3,20 @@
 ``pdl_prologue`` goes first in a kernel body: with ``USE_PDL`` it waits until the previous
 kernel in the stream has finished and its writes are visible (``griddepcontrol.wait``), then
 lets the next kernel launch (``griddepcontrol.launch_dependents``), whose programs in turn wait
-before touching memory. Every load and store of a kernel follows the wait, so results are those
-of serial launches; what overlaps is one kernel's launch and ramp-up with the previous one's
-tail. Launchers pass ``USE_PDL=dispatch.pdl(x)`` and ``launch_pdl`` with the same value; with
-``USE_PDL=False`` (the interpreter, older GPUs) the prologue is empty.
+before touching what the previous kernel wrote. Stores always follow the wait, so results are
+those of serial launches; what overlaps is one kernel's launch, ramp-up and early loads with the
+previous one's tail. Launchers pass ``USE_PDL=dispatch.pdl(x)`` and ``launch_pdl`` with the same
+value; with ``USE_PDL=False`` (the interpreter, older GPUs) the prologue is empty.
+
+NOTE: the rule for loads issued before the wait. A kernel starts only after the kernel before
+it has let it launch. A kernel that runs ``pdl_prologue`` lets it launch after its own wait,
+that is once the kernel two back has finished; ``pdl_trigger`` (launch first, wait later) lets
+it launch as soon as it starts. So a load before the wait may read only what no kernel in the
+current forward can still be writing: weights, the cos/sin tables, the host-staged metadata
+(positions, slot mappings, sequence lengths, block tables), and KV-cache entries of positions
+before this step's new tokens (written by earlier steps or by earlier layers' kernels, never by
+the launch chain that is still running). A kernel that calls ``pdl_trigger`` early must only
+be followed by kernels that keep to that rule.
 """
 
 from __future__ import annotations
@@ -21,3 +31,17 @@ def pdl_prologue(USE_PDL: tl.constexpr):
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_trigger(USE_PDL: tl.constexpr):
+    """Let the next kernel launch now (its programs may become resident during this one)."""
+    if USE_PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Wait until the previous kernel has finished and its writes are visible."""
+    if USE_PDL:
+        gdc_wait()
