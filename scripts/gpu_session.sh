@@ -33,7 +33,7 @@
 # and tile sweep, benchmarks/gpu_moe_token.py), ab-moe / ab-tgt (bench_peer with this session's
 # one-token MoE path and rotary KV write off, then on), ab-attn (bench-kernels' 8B steps at
 # batch 1 and 8 with the packages in .ab_old/outrider, then this checkout's, then with the
-# rotary's early PDL trigger off, then with the attention's register cap off; twice). STEP@0+1 runs one step on other GPUs
+# rotary's early PDL trigger off; twice). STEP@0+1 runs one step on other GPUs
 # (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
@@ -146,8 +146,6 @@ run_step() {
           --json "$R/ab_new_$i.json"
         step "ab-late-$i" env OUTRIDER_PDL_EARLY_TRIGGER=0 $CLI bench-kernels --parts model \
           --model-batch-sizes 1,8 --json "$R/ab_late_$i.json"
-        step "ab-nocap-$i" env OUTRIDER_ATTN_MAXNREG=0 $CLI bench-kernels --parts model \
-          --model-batch-sizes 1,8 --json "$R/ab_nocap_$i.json"
       done ;;
     sweep-attn) OUT=$R step sweep-attn python3 benchmarks/gpu_kernels.py --sweep ;;
     sweep-moe) OUT=$R step sweep-moe python3 benchmarks/gpu_moe.py --sweep ;;

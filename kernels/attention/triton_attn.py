@@ -19,12 +19,12 @@ Two kernels do the work and a third finishes small batches:
 The grid depends only on host integers (T, B, nKV, ``md.max_query_len`` and a split count
 derived from the batch geometry and ``md.max_seq_len``); sequence boundaries are found inside
 the kernel by a binary search over ``query_start_loc`` (tile ``j`` of sequence ``b`` has global
-index ``query_start_loc[b] // BLOCK_Q + b + j``), or, when every sequence's queries fit one tile
-(decode, verify), the grid runs over sequences; every key range is derived in the kernel from
-``seq_lens``. Under programmatic dependent launch the metadata loads precede the wait, and in
-the one-tile case so do the first key tile's cached keys and values from before this step's
-new tokens (kernels/fused/pdl.py has the rule); they overlap the rotary launch before, or, with
-its early trigger, the q/k/v projection. Nothing in ``forward`` waits on the device. The split
+index ``query_start_loc[b] // BLOCK_Q + b + j``), and every key range is derived in the kernel
+from ``seq_lens``. In decode, when each split holds one key tile (``early_kv_tile``), the grid
+runs over sequences instead, and under programmatic dependent launch the metadata and the tile's
+cached keys and values from before this step's new token load before the wait
+(kernels/fused/pdl.py has the rule): they overlap the rotary launch, and with its early trigger
+the q/k/v projection. Nothing in ``forward`` waits on the device. The split
 count is a performance choice only: any value gives the same function, so a CUDA graph captured
 at one context length stays correct at another; it is a run-time kernel argument, so a new
 count compiles nothing.
@@ -38,7 +38,6 @@ gather pipelined with them. float32 runs an exact ("ieee") dot on FMA units with
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -56,10 +55,6 @@ LOG2E = 1.4426950408889634
 _PROGRAMS_PER_SM = 4
 _MAX_SPLITS = 64
 _MIN_KEYS_PER_SPLIT = 64
-# NOTE: one-tile decode/verify programs hold their first key tile in registers across the PDL
-# wait: capped at 128 registers, four 4-warp programs fit one SM (sm_90: 160 and 208 registers
-# uncapped at 16 and 32 rows, and a few dozen bytes spilled capped).
-_ONE_TILE_MAXNREG = 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,9 +278,12 @@ def _paged_attn_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
-    # NOTE: everything up to pdl_prologue reads host-staged metadata and, with ONE_TILE, the
-    # first key tile's cached keys and values from before this step's new tokens: nothing the
-    # running launch chain writes (kernels/fused/pdl.py). The new tokens' K/V and q come after.
+    # NOTE: with ONE_TILE (early_kv_tile) everything up to pdl_prologue reads host-staged
+    # metadata and the first key tile's cached keys and values from before this step's new
+    # tokens: nothing the running launch chain writes (kernels/fused/pdl.py). The new tokens'
+    # K/V and q come after.
+    if not ONE_TILE:
+        pdl_prologue(USE_PDL)
     if ONE_TILE:
         b = tile  # every sequence's queries fit one tile: the grid runs over sequences
     else:
@@ -350,7 +348,6 @@ def _paged_attn_kernel(
         )
         lo = lo + BLOCK_N
     else:
-        pdl_prologue(USE_PDL)
         q = tl.load(
             q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
             mask=row_ok[:, None] & d_ok[None, :],
@@ -424,12 +421,6 @@ def _reduce_splits_kernel(
 
 
 @functools.cache
-def _one_tile_maxnreg() -> int:
-    """The register cap of one-tile programs; ``OUTRIDER_ATTN_MAXNREG`` (read once; 0 = none)."""
-    return int(os.environ.get("OUTRIDER_ATTN_MAXNREG", _ONE_TILE_MAXNREG))
-
-
-@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -453,6 +444,20 @@ def _tile_config(max_q: int, group: int, hd: int, dtype: torch.dtype) -> tuple[i
     # (block_m 32, 64) lost with two (75.7 us against 65.5 at batch 8) and keep three.
     stages = 2 if block_m <= 16 or block_d > 128 else 3
     return block_m, block_n, num_warps, stages
+
+
+def early_kv_tile(
+    md: AttentionMetadata, block_m: int, block_q: int, block_n: int, num_splits: int
+) -> bool:
+    """Whether the kernel loads its key tile's cached K/V before the PDL wait: decode-sized
+    tiles (at most 16 rows, one per sequence) whose splits hold one key tile each at
+    ``md.max_seq_len``. Longer contexts stay correct (the rest of a split loops after the wait).
+    H200, Llama-3.1-8B decode step at 4k keys, batch 1: 4534-4544 us against 4644-4651. With 8
+    key tiles per split (batch 8) the early tile cost 40-500 us, and with 32-row verify tiles
+    100-130 us, so those keep the plain loop."""
+    if block_m > 16 or num_splits <= 1 or md.max_query_len > block_q:
+        return False
+    return triton.cdiv(triton.cdiv(max(md.max_seq_len, 1), block_n), num_splits) == 1
 
 
 def _num_splits(
@@ -500,11 +505,15 @@ def paged_attention(
     num_stages = num_stages or ns
     block_q = block_m // group
     block_d = triton.next_power_of_2(hd)
-    one_tile_each = md.max_query_len <= block_q
-    # NOTE: with one query tile per sequence the grid runs over sequences (no search).
-    n_tiles = b if one_tile_each else t // block_q + b
     if num_splits is None:
-        num_splits = _num_splits(q.device, b, n_kv, md.max_seq_len, block_n) if one_tile_each else 1
+        num_splits = (
+            _num_splits(q.device, b, n_kv, md.max_seq_len, block_n)
+            if md.max_query_len <= block_q
+            else 1
+        )
+    early_kv = early_kv_tile(md, block_m, block_q, block_n, num_splits)
+    # NOTE: with early_kv the grid runs over sequences (one query tile each; no search).
+    n_tiles = b if early_kv else t // block_q + b
     dev = q.device
     qsl = md.query_start_loc.to(dev)
     seq_lens = md.seq_lens.to(dev)
@@ -525,7 +534,6 @@ def paged_attention(
     else:
         part_acc = part_m = part_l = out  # unused
     use_pdl = pdl(q)
-    cap = _one_tile_maxnreg() if one_tile_each and q.is_cuda else 0
     _paged_attn_kernel[(n_tiles, n_kv, num_splits)](
         q,
         k_cache,
@@ -560,14 +568,13 @@ def paged_attention(
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
         SPLIT=num_splits > 1,
-        ONE_TILE=one_tile_each,
+        ONE_TILE=early_kv,
         CAUSAL=bool(md.causal),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=use_pdl,
         launch_pdl=use_pdl,
         num_warps=num_warps,
         num_stages=num_stages,
-        **({"maxnreg": cap} if cap else {}),
     )
     if num_splits > 1:
         use_pdl = pdl(q)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from typing import Any
 
 import pytest
 import torch
@@ -358,3 +359,102 @@ def _random_geometries(
         kc, vc = case["k_cache"].to(DEVICE), case["v_cache"].to(DEVICE)
         md = to_device(case["md"])
         paged_attention(case["q"].to(DEVICE), kc, vc, md, case["scale"])
+
+
+def test_decode_chain_sees_the_new_kv_its_rotary_launch_wrote(
+    gen: torch.Generator, capture_step: Any
+) -> None:
+    """One decode layer's launch chain, q/k/v projection (skinny GEMM) -> rotary with the KV
+    write -> attention, over three steps; on the GPU as PDL launches replayed from one CUDA
+    graph. Each split holds one key tile (``early_kv_tile``), so the attention loads its cached
+    keys and values before the PDL wait and the new token's after: each step's output must use
+    the key and value its own rotary launch just stored. Every slot not yet written holds 1e3,
+    so a read that came too early could not stay within the bound."""
+    from outrider.kernels.attention.triton_attn import early_kv_tile
+    from outrider.kernels.fused.rotary import apply_rotary_write_kv, rotary_ref
+    from outrider.kernels.fused.skinny_gemm import skinny_gemm
+
+    if INTERPRET:
+        nh, nkv, hd, hidden, ctx, dtype = 8, 2, 64, 128, 150, torch.float16
+    else:
+        nh, nkv, hd, hidden, ctx, dtype = 32, 8, 128, 4096, 1000, torch.bfloat16
+    steps, block_size, block_n = 3, 16, 64
+    total = ctx + steps
+    num_blocks = -(-total // block_size) + 1
+    table = torch.randperm(num_blocks, generator=gen)[: num_blocks - 1]
+
+    def slot(pos: int) -> int:
+        return int(table[pos // block_size]) * block_size + pos % block_size
+
+    shape = (num_blocks, block_size, nkv, hd)
+    k_cache = torch.full(shape, 1e3, dtype=dtype)
+    v_cache = torch.full(shape, 1e3, dtype=dtype)
+    past = torch.tensor([slot(p) for p in range(ctx)])
+    k_cache.view(-1, nkv, hd)[past] = torch.randn(ctx, nkv, hd, generator=gen).to(dtype)
+    v_cache.view(-1, nkv, hd)[past] = torch.randn(ctx, nkv, hd, generator=gen).to(dtype)
+    ref_k, ref_v = k_cache.clone().to(DEVICE), v_cache.clone().to(DEVICE)
+    k_cache, v_cache = k_cache.to(DEVICE), v_cache.to(DEVICE)
+    width = (nh + 2 * nkv) * hd
+    w_qkv = (torch.randn(width, hidden, generator=gen) * hidden**-0.5).to(dtype).to(DEVICE)
+    x = torch.zeros(1, hidden, dtype=dtype, device=DEVICE)
+    half = hd // 2
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(half, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(total, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    positions = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    slots = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    seq_lens = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    md = AttentionMetadata(
+        slot_mapping=slots,
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int64, device=DEVICE),
+        seq_lens=seq_lens,
+        block_tables=table.view(1, -1).to(DEVICE),
+        max_query_len=1,
+        max_seq_len=total,
+    )
+    splits = -(-total // block_n)  # one key tile per split
+    assert early_kv_tile(md, 16, 16 // (nh // nkv), block_n, splits)
+
+    def set_step(s: int) -> None:
+        positions.fill_(ctx + s)
+        slots.fill_(slot(ctx + s))
+        seq_lens.fill_(ctx + s + 1)
+        x.copy_(torch.randn(1, hidden, generator=gen).to(dtype))
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        qkv, _ = skinny_gemm(x, w_qkv)
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = apply_rotary_write_kv(positions, q, k, v, cos, sin, k_cache, v_cache, slots)
+        out = paged_attention(q.view(1, nh, hd), k_cache, v_cache, md, hd**-0.5, num_splits=splits)
+        return qkv, out
+
+    set_step(0)
+    if INTERPRET:
+        graph, captured = None, None
+    else:
+        graph, captured = capture_step(step)
+    for s in range(steps):
+        set_step(s)
+        if graph is None:
+            qkv, out = step()
+        else:
+            graph.replay()
+            qkv, out = captured
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q_r, k_r = rotary_ref(positions, q, k, cos, sin)
+        ref_k.view(-1, nkv, hd)[slot(ctx + s)] = k_r.view(nkv, hd)
+        ref_v.view(-1, nkv, hd)[slot(ctx + s)] = v.view(nkv, hd)
+        one = AttentionMetadata(
+            slot_mapping=slots.clone(),
+            query_start_loc=md.query_start_loc,
+            seq_lens=seq_lens.clone(),
+            block_tables=md.block_tables,
+            max_query_len=1,
+            max_seq_len=ctx + s + 1,
+        )
+        ref = torch_ref.paged_attention(
+            q_r.view(1, nh, hd).double(), ref_k.double(), ref_v.double(), one, hd**-0.5
+        )
+        err = rel_err(out, ref)
+        print(f"step {s}: relative error {err:.2e}")
+        assert err <= REL_BOUND[dtype], f"step {s}: relative error {err:.3e}"
