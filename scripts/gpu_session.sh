@@ -32,8 +32,8 @@
 # so each kernel's time is its own), moe-token (the one-token MoE path's tests
 # and tile sweep, benchmarks/gpu_moe_token.py), ab-moe / ab-tgt (bench_peer with this session's
 # one-token MoE path and rotary KV write off, then on), ab-attn (bench-kernels' 8B steps at
-# batch 1 and 8 with the packages in .ab_old/outrider, then this checkout's, then with the
-# rotary's early PDL trigger off; twice). STEP@0+1 runs one step on other GPUs
+# batch 1 and 8 with the packages in .ab_old/outrider, then this checkout's; three
+# times). STEP@0+1 runs one step on other GPUs
 # (here 0 and 1) than its lane's. With only msgspec needed, a one-part bundle will do.
 set -u
 LIMIT=${LIMIT:-560}
@@ -139,13 +139,11 @@ run_step() {
       done ;;
     moe-token) step moe-token-tests $PYTEST -m gpu tests/gpu/test_triton_moe.py -k token
       OUT=$R step moe-token python3 benchmarks/gpu_moe_token.py --sweep ;;
-    ab-attn) for i in 1 2; do  # .ab_old/outrider: the packages of the commit to compare with
+    ab-attn) for i in 1 2 3; do  # .ab_old/outrider: the packages of the commit to compare with
         step "ab-old-$i" env PYTHONPATH="$PWD/.ab_old:$PYTHONPATH" $CLI bench-kernels \
           --parts model --model-batch-sizes 1,8 --json "$R/ab_old_$i.json"
         step "ab-new-$i" $CLI bench-kernels --parts model --model-batch-sizes 1,8 \
           --json "$R/ab_new_$i.json"
-        step "ab-late-$i" env OUTRIDER_PDL_EARLY_TRIGGER=0 $CLI bench-kernels --parts model \
-          --model-batch-sizes 1,8 --json "$R/ab_late_$i.json"
       done ;;
     sweep-attn) OUT=$R step sweep-attn python3 benchmarks/gpu_kernels.py --sweep ;;
     sweep-moe) OUT=$R step sweep-moe python3 benchmarks/gpu_moe.py --sweep ;;

@@ -1,6 +1,7 @@
 """Triton paged attention: the KV write and one kernel for prefill, decode, verify and the block.
 
-Two kernels do the work and a third finishes small batches:
+Two kernels do the work, a third finishes small batches, and a fourth takes decode at small
+batch:
 
 * ``_write_kv_kernel`` (reshape_and_cache): one program per new token copies its ``[nKV, hd]``
   key and value rows to the flat cache slot ``slot_mapping[t]``; slots < 0 are skipped.
@@ -15,19 +16,21 @@ Two kernels do the work and a third finishes small batches:
   small batch), the keys of each tile are split over ``num_splits`` programs that write
   unnormalised partial outputs with their running max and sum (flash-decoding); this kernel
   merges them.
+* ``_paged_decode_early_kernel``: decode-sized tiles whose splits hold at most two key tiles,
+  with every program resident at once (``early_kv_tile``): one program per (sequence, KV head,
+  split), and the split's first key tile loads before the PDL wait (below).
 
 The grid depends only on host integers (T, B, nKV, ``md.max_query_len`` and a split count
 derived from the batch geometry and ``md.max_seq_len``); sequence boundaries are found inside
 the kernel by a binary search over ``query_start_loc`` (tile ``j`` of sequence ``b`` has global
 index ``query_start_loc[b] // BLOCK_Q + b + j``), and every key range is derived in the kernel
-from ``seq_lens``. In decode, when each split holds one key tile (``early_kv_tile``), the grid
-runs over sequences instead, and under programmatic dependent launch the metadata and the tile's
-cached keys and values from before this step's new token load before the wait
-(kernels/fused/pdl.py has the rule): they overlap the rotary launch, and with its early trigger
-the q/k/v projection. Nothing in ``forward`` waits on the device. The split
-count is a performance choice only: any value gives the same function, so a CUDA graph captured
-at one context length stays correct at another; it is a run-time kernel argument, so a new
-count compiles nothing.
+from ``seq_lens``. The decode kernel's grid runs over sequences instead; under programmatic
+dependent launch its metadata and the first key tile's cached keys and values from before this
+step's new token load before the wait (kernels/fused/pdl.py has the rule), overlapping the
+rotary launch; the new token's key and value load after it. Nothing in ``forward`` waits on
+the device. The split count is a performance choice only: any value gives the same function, so
+a CUDA graph captured at one context length stays correct at another; it is a run-time kernel
+argument, so a new count compiles nothing.
 
 Tiles (sm_90, from the compiler's report): decode BLOCK_M=16 / verify 32 or 64 rows with 64-key
 tiles, 4 warps, 3 stages (mma.sync at 16/32 rows, wgmma from 64; no spills); prefill
@@ -55,6 +58,13 @@ LOG2E = 1.4426950408889634
 _PROGRAMS_PER_SM = 4
 _MAX_SPLITS = 64
 _MIN_KEYS_PER_SPLIT = 64
+# NOTE: early_kv_tile programs hold their first K/V tile in registers across the PDL wait
+# (sm_90, 16 rows, 64-key tiles: 160 registers against 108, so three 4-warp programs per SM
+# instead of four). H200, Llama-3.1-8B decode step at batch 1 and 4k keys (33 splits of two
+# tiles): 4534 and 4544 us against 4651 and 4644 with the plain loop. With the tile early at
+# batch 8 (8 tiles per split, 576 programs) it took 6378-6387 us against 5871-5915, and in
+# 5-token verify tiles 5166-5198 against 5047-5073: those keep the plain loop.
+_EARLY_PROGRAMS_PER_SM = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,47 +186,21 @@ def _find_seq(qsl_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _kv_tile_ptrs(
-    kc_ptr,
-    vc_ptr,
-    bt_row,
-    offs_n,
-    n_ok,
-    kvh,
-    offs_d,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    BLOCK_SIZE: tl.constexpr,
-):
-    """Pointers to the key tile [D, N] and the value tile [N, D] of keys ``offs_n``."""
-    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-    in_blk = (offs_n % BLOCK_SIZE).to(tl.int64)
-    k_off = blk * stride_kb + in_blk * stride_ks + kvh * stride_kh  # [N]
-    v_off = blk * stride_vb + in_blk * stride_vs + kvh * stride_vh  # [N]
-    return kc_ptr + k_off[None, :] + offs_d[:, None], vc_ptr + v_off[:, None] + offs_d[None, :]
-
-
-@triton.jit
-def _attend_tile(
-    acc,
-    m_i,
-    l_i,
+def _softmax_step(
     q,
     k,
-    v,
     offs_n,
     n_ok,
     row_ok,
     q_pos,
+    m_i,
+    l_i,
     scale_log2,
     CAUSAL: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One key tile of the online softmax: returns the updated ``(acc, m_i, l_i)``."""
+    """Scores of one key tile ``k [D, N]`` and the online softmax's update: returns the tile's
+    weights ``p [M, N]``, the rescale ``alpha [M]`` of what came before, and the new max and sum."""
     s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * scale_log2  # [M, N]
     mask = row_ok[:, None] & n_ok[None, :]
     if CAUSAL:
@@ -227,9 +211,7 @@ def _attend_tile(
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
-    return acc, m_new, l_i
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 # NOTE: no value specialisation of the ints that change from step to step (batch size, splits,
@@ -269,34 +251,22 @@ def _paged_attn_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
-    ONE_TILE: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
-    # NOTE: with ONE_TILE (early_kv_tile) everything up to pdl_prologue reads host-staged
-    # metadata and the first key tile's cached keys and values from before this step's new
-    # tokens: nothing the running launch chain writes (kernels/fused/pdl.py). The new tokens'
-    # K/V and q come after.
-    if not ONE_TILE:
-        pdl_prologue(USE_PDL)
-    if ONE_TILE:
-        b = tile  # every sequence's queries fit one tile: the grid runs over sequences
-    else:
-        b = _find_seq(qsl_ptr, num_seqs, tile, BLOCK_Q)
+    b = _find_seq(qsl_ptr, num_seqs, tile, BLOCK_Q)
     q_start = tl.load(qsl_ptr + b)
     q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
-    if ONE_TILE:
-        qb = 0
-    else:
-        qb = tile - (q_start // BLOCK_Q + b).to(tl.int32)  # tile index inside the sequence
+    qb = tile - (q_start // BLOCK_Q + b).to(tl.int32)  # tile index inside the sequence
     if qb * BLOCK_Q >= q_len:
         return
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     ctx_len = seq_len - q_len  # keys before the first query token
 
     rows = tl.arange(0, BLOCK_M)
@@ -306,6 +276,12 @@ def _paged_attn_kernel(
     tok = q_start + q_idx.to(tl.int64)  # [M] packed token index
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [M, D]
     q_pos = ctx_len + q_idx  # [M] absolute position of each row's token
 
     if CAUSAL:
@@ -319,52 +295,27 @@ def _paged_attn_kernel(
     else:
         lo = 0
         hi = kv_end
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if ONE_TILE:
-        offs_n = lo + tl.arange(0, BLOCK_N)  # [N] the first key tile
-        n_ok = offs_n < hi
-        k_ptrs, v_ptrs = _kv_tile_ptrs(
-            kc_ptr, vc_ptr, bt_row, offs_n, n_ok, kvh, offs_d,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
-        )  # fmt: skip
-        old = offs_n < tl.minimum(hi, ctx_len)
-        k = tl.load(k_ptrs, mask=old[None, :] & d_ok[:, None], other=0.0)  # [D, N]
-        v = tl.load(v_ptrs, mask=old[:, None] & d_ok[None, :], other=0.0)  # [N, D]
-        pdl_prologue(USE_PDL)
-        new = n_ok & (offs_n >= ctx_len)
-        k = tl.load(k_ptrs, mask=new[None, :] & d_ok[:, None], other=k)
-        v = tl.load(v_ptrs, mask=new[:, None] & d_ok[None, :], other=v)
-        q = tl.load(
-            q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # [M, D]
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k, v, offs_n, n_ok, row_ok, q_pos, scale_log2, CAUSAL, DOT_PREC
-        )
-        lo = lo + BLOCK_N
-    else:
-        q = tl.load(
-            q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # [M, D]
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)  # [N] key positions
         n_ok = offs_n < hi
-        k_ptrs, v_ptrs = _kv_tile_ptrs(
-            kc_ptr, vc_ptr, bt_row, offs_n, n_ok, kvh, offs_d,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
-        )  # fmt: skip
-        k = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [D, N]
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k, v, offs_n, n_ok, row_ok, q_pos, scale_log2, CAUSAL, DOT_PREC
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        in_blk = (offs_n % BLOCK_SIZE).to(tl.int64)
+        k_off = blk * stride_kb + in_blk * stride_ks + kvh * stride_kh  # [N]
+        v_off = blk * stride_vb + in_blk * stride_vs + kvh * stride_vh  # [N]
+        kv_mask = n_ok[None, :] & d_ok[:, None]
+        k = tl.load(kc_ptr + k_off[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)  # [D, N]
+        p, alpha, m_i, l_i = _softmax_step(
+            q, k, offs_n, n_ok, row_ok, q_pos, m_i, l_i, scale_log2, CAUSAL, DOT_PREC
         )
+        v = tl.load(
+            vc_ptr + v_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+        )  # [N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
 
     if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -380,6 +331,115 @@ def _paged_attn_kernel(
         tl.store(
             part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None]
         )
+
+
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
+def _paged_decode_early_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    bt_ptr,
+    num_heads,
+    num_splits,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """``early_kv_tile``'s programs: one per (sequence, KV head, split), each sequence's queries
+    in one tile, partial outputs for ``_reduce_splits_kernel``. The split's first key tile is
+    loaded before the PDL wait, except the keys of this step's new tokens."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    # NOTE: up to pdl_prologue: host-staged metadata and cached K/V of positions before this
+    # step's new tokens, which nothing in the running launch chain writes (kernels/fused/pdl.py).
+    q_start = tl.load(qsl_ptr + b)
+    q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    if q_len <= 0:
+        return
+    ctx_len = seq_len - q_len
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = rows // GROUP  # [M] query token inside the sequence
+    head = kvh * GROUP + rows % GROUP  # [M] query head
+    row_ok = q_idx < q_len
+    tok = q_start + q_idx.to(tl.int64)  # [M] packed token index
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_pos = ctx_len + q_idx  # [M]
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    lo = split * tiles_per_split * BLOCK_N
+    hi = tl.minimum(seq_len, lo + tiles_per_split * BLOCK_N)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+
+    offs_n = lo + tl.arange(0, BLOCK_N)  # [N] the first key tile
+    n_ok = offs_n < hi
+    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    in_blk = (offs_n % BLOCK_SIZE).to(tl.int64)
+    k_ptrs = kc_ptr + (blk * stride_kb + in_blk * stride_ks + kvh * stride_kh)[None, :]
+    k_ptrs = k_ptrs + offs_d[:, None]  # [D, N]
+    v_ptrs = vc_ptr + (blk * stride_vb + in_blk * stride_vs + kvh * stride_vh)[:, None]
+    v_ptrs = v_ptrs + offs_d[None, :]  # [N, D]
+    old = offs_n < tl.minimum(hi, ctx_len)
+    k = tl.load(k_ptrs, mask=old[None, :] & d_ok[:, None], other=0.0)
+    v = tl.load(v_ptrs, mask=old[:, None] & d_ok[None, :], other=0.0)
+    pdl_prologue(USE_PDL)
+    new = n_ok & (offs_n >= ctx_len)
+    k = tl.load(k_ptrs, mask=new[None, :] & d_ok[:, None], other=k)
+    v = tl.load(v_ptrs, mask=new[:, None] & d_ok[None, :], other=v)
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [M, D]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    p, alpha, m_i, l_i = _softmax_step(
+        q, k, offs_n, n_ok, row_ok, q_pos, m_i, l_i, scale_log2, CAUSAL, DOT_PREC
+    )
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)  # [M, D]
+    for start in range(lo + BLOCK_N, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        in_blk = (offs_n % BLOCK_SIZE).to(tl.int64)
+        k_off = blk * stride_kb + in_blk * stride_ks + kvh * stride_kh  # [N]
+        v_off = blk * stride_vb + in_blk * stride_vs + kvh * stride_vh  # [N]
+        kv_mask = n_ok[None, :] & d_ok[:, None]
+        k = tl.load(kc_ptr + k_off[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)
+        p, alpha, m_i, l_i = _softmax_step(
+            q, k, offs_n, n_ok, row_ok, q_pos, m_i, l_i, scale_log2, CAUSAL, DOT_PREC
+        )
+        v = tl.load(
+            vc_ptr + v_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
+
+    base = (tok * num_heads + head) * num_splits + split  # [M]
+    tl.store(part_m_ptr + base, m_i, mask=row_ok)
+    tl.store(part_l_ptr + base, l_i, mask=row_ok)
+    tl.store(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -447,17 +507,24 @@ def _tile_config(max_q: int, group: int, hd: int, dtype: torch.dtype) -> tuple[i
 
 
 def early_kv_tile(
-    md: AttentionMetadata, block_m: int, block_q: int, block_n: int, num_splits: int
+    md: AttentionMetadata,
+    n_kv: int,
+    block_m: int,
+    block_q: int,
+    block_n: int,
+    num_splits: int,
+    device: torch.device,
 ) -> bool:
-    """Whether the kernel loads its key tile's cached K/V before the PDL wait: decode-sized
-    tiles (at most 16 rows, one per sequence) whose splits hold one key tile each at
-    ``md.max_seq_len``. Longer contexts stay correct (the rest of a split loops after the wait).
-    H200, Llama-3.1-8B decode step at 4k keys, batch 1: 4534-4544 us against 4644-4651. With 8
-    key tiles per split (batch 8) the early tile cost 40-500 us, and with 32-row verify tiles
-    100-130 us, so those keep the plain loop."""
+    """Whether the kernel loads its first key tile's cached K/V before the PDL wait: decode
+    tiles (at most 16 rows, one query tile per sequence) whose splits hold at most two key tiles
+    at ``md.max_seq_len``, with every program resident at once. Longer contexts stay correct
+    (the rest of a split loops after the wait)."""
     if block_m > 16 or num_splits <= 1 or md.max_query_len > block_q:
         return False
-    return triton.cdiv(triton.cdiv(max(md.max_seq_len, 1), block_n), num_splits) == 1
+    tiles = triton.cdiv(max(md.max_seq_len, 1), block_n)
+    per_split = triton.cdiv(tiles, num_splits)
+    programs = md.num_seqs * n_kv * triton.cdiv(tiles, per_split)
+    return per_split <= 2 and programs <= _EARLY_PROGRAMS_PER_SM * _sm_count(device)
 
 
 def _num_splits(
@@ -511,9 +578,7 @@ def paged_attention(
             if md.max_query_len <= block_q
             else 1
         )
-    early_kv = early_kv_tile(md, block_m, block_q, block_n, num_splits)
-    # NOTE: with early_kv the grid runs over sequences (one query tile each; no search).
-    n_tiles = b if early_kv else t // block_q + b
+    n_tiles = t // block_q + b
     dev = q.device
     qsl = md.query_start_loc.to(dev)
     seq_lens = md.seq_lens.to(dev)
@@ -534,48 +599,84 @@ def paged_attention(
     else:
         part_acc = part_m = part_l = out  # unused
     use_pdl = pdl(q)
-    _paged_attn_kernel[(n_tiles, n_kv, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        out,
-        part_acc,
-        part_m,
-        part_l,
-        qsl,
-        seq_lens,
-        tables,
-        b,
-        n_heads,
-        num_splits,
-        scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        tables.stride(0),
-        BLOCK_SIZE=k_cache.shape[1],
-        GROUP=group,
-        HEAD_DIM=hd,
-        BLOCK_D=block_d,
-        BLOCK_M=block_m,
-        BLOCK_Q=block_q,
-        BLOCK_N=block_n,
-        SPLIT=num_splits > 1,
-        ONE_TILE=early_kv,
-        CAUSAL=bool(md.causal),
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        USE_PDL=use_pdl,
-        launch_pdl=use_pdl,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    if early_kv_tile(md, n_kv, block_m, block_q, block_n, num_splits, q.device):
+        _paged_decode_early_kernel[(b, n_kv, num_splits)](
+            q,
+            k_cache,
+            v_cache,
+            part_acc,
+            part_m,
+            part_l,
+            qsl,
+            seq_lens,
+            tables,
+            n_heads,
+            num_splits,
+            scale * LOG2E,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            tables.stride(0),
+            BLOCK_SIZE=k_cache.shape[1],
+            GROUP=group,
+            HEAD_DIM=hd,
+            BLOCK_D=block_d,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            CAUSAL=bool(md.causal),
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            USE_PDL=use_pdl,
+            launch_pdl=use_pdl,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+    else:
+        _paged_attn_kernel[(n_tiles, n_kv, num_splits)](
+            q,
+            k_cache,
+            v_cache,
+            out,
+            part_acc,
+            part_m,
+            part_l,
+            qsl,
+            seq_lens,
+            tables,
+            b,
+            n_heads,
+            num_splits,
+            scale * LOG2E,
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            tables.stride(0),
+            BLOCK_SIZE=k_cache.shape[1],
+            GROUP=group,
+            HEAD_DIM=hd,
+            BLOCK_D=block_d,
+            BLOCK_M=block_m,
+            BLOCK_Q=block_q,
+            BLOCK_N=block_n,
+            SPLIT=num_splits > 1,
+            CAUSAL=bool(md.causal),
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            USE_PDL=use_pdl,
+            launch_pdl=use_pdl,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
     if num_splits > 1:
         use_pdl = pdl(q)
         _reduce_splits_kernel[(t, n_heads)](
@@ -607,14 +708,17 @@ def warm_up_variants(
     causal: tuple[bool, ...] = (True,),
 ) -> int:
     """Launch ``paged_attention`` at query lengths on both sides of every BLOCK_M tier, over
-    one key tile and over enough keys to split, in each ``causal`` mode, on a scratch cache:
+    one key tile, a few and many, in each ``causal`` mode, on a scratch cache:
     every tile variant the launcher can pick for these shapes is compiled (Triton skips the
     ones it has), so none is compiled on first use in the middle of a request (hundreds of ms
     each). Returns the number of launches."""
     group = num_heads // num_kv_heads
     # NOTE: rows = query length x group; the tiers end at 16, 32, 64 and 128 rows.
     lens = sorted({max(1, r // group + d) for r in (1, 16, 32, 64, 128) for d in (0, 1)})
-    long_keys = _MAX_SPLITS * _MIN_KEYS_PER_SPLIT
+    # NOTE: a few tiles (split, decode tiles early: early_kv_tile), and more tiles per split
+    # than early_kv_tile takes (split, plain loop).
+    mid_keys = 2 * _MIN_KEYS_PER_SPLIT
+    long_keys = 3 * _MAX_SPLITS * _MIN_KEYS_PER_SPLIT
     num_blocks = -(-(lens[-1] + long_keys) // block_size)
     k_cache = torch.zeros(
         (num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
@@ -624,7 +728,7 @@ def warm_up_variants(
     count = 0
     for q_len in lens:
         q = torch.zeros((q_len, num_heads, head_dim), dtype=dtype, device=device)
-        for keys in (q_len, q_len + long_keys):  # unsplit (one key tile), split (many)
+        for keys in (q_len, q_len + mid_keys, q_len + long_keys):
             for c in causal:
                 md = AttentionMetadata(
                     slot_mapping=torch.full((q_len,), -1, dtype=torch.int64, device=device),

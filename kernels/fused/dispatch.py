@@ -65,11 +65,3 @@ def pdl(x: torch.Tensor) -> bool:
         return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     return _pdl_capable(index)
-
-
-@functools.cache
-def pdl_early_trigger() -> bool:
-    """Whether the rotary launch lets the attention launch as soon as it starts
-    (``pdl_trigger`` before its wait), so the attention's early KV loads overlap the q/k/v
-    projection before it; ``OUTRIDER_PDL_EARLY_TRIGGER=0`` (read once) keeps the plain order."""
-    return os.environ.get("OUTRIDER_PDL_EARLY_TRIGGER", "1") != "0"

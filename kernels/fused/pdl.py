@@ -9,14 +9,12 @@ previous one's tail. Launchers pass ``USE_PDL=dispatch.pdl(x)`` and ``launch_pdl
 value; with ``USE_PDL=False`` (the interpreter, older GPUs) the prologue is empty.
 
 NOTE: the rule for loads issued before the wait. A kernel starts only after the kernel before
-it has let it launch. A kernel that runs ``pdl_prologue`` lets it launch after its own wait,
-that is once the kernel two back has finished; ``pdl_trigger`` (launch first, wait later) lets
-it launch as soon as it starts. So a load before the wait may read only what no kernel in the
-current forward can still be writing: weights, the cos/sin tables, the host-staged metadata
-(positions, slot mappings, sequence lengths, block tables), and KV-cache entries of positions
-before this step's new tokens (written by earlier steps or by earlier layers' kernels, never by
-the launch chain that is still running). A kernel that calls ``pdl_trigger`` early must only
-be followed by kernels that keep to that rule.
+it has let it launch, which ``pdl_prologue`` does after its own wait, that is once the kernel
+two back has finished. So a load before the wait may read only what the previous kernel cannot
+be writing: weights, the host-staged metadata (slot mappings, sequence lengths, block tables),
+and KV-cache entries of positions before this step's new tokens (written by earlier steps or
+by earlier layers' kernels). The skinny GEMM loads its first weight tile early, the decode
+attention (``_paged_decode_early_kernel``) its first key tile.
 """
 
 from __future__ import annotations
@@ -31,17 +29,3 @@ def pdl_prologue(USE_PDL: tl.constexpr):
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_trigger(USE_PDL: tl.constexpr):
-    """Let the next kernel launch now (its programs may become resident during this one)."""
-    if USE_PDL:
-        gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_wait(USE_PDL: tl.constexpr):
-    """Wait until the previous kernel has finished and its writes are visible."""
-    if USE_PDL:
-        gdc_wait()

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from outrider.kernels.fused.dispatch import pdl, pdl_early_trigger
-from outrider.kernels.fused.pdl import pdl_trigger, pdl_wait
+from outrider.kernels.fused.dispatch import pdl
+from outrider.kernels.fused.pdl import pdl_prologue
 
 _TILE = 1024  # elements of one program's [BLOCK_H, BLOCK_HALF] half-head tile
 
@@ -72,31 +72,18 @@ def _rotary_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     WRITE_KV: tl.constexpr,
-    EARLY_LOADS: tl.constexpr,
-    EARLY_TRIGGER: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    if EARLY_TRIGGER:
-        pdl_trigger(USE_PDL)
-    if not EARLY_LOADS:
-        pdl_wait(USE_PDL)
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     # [BH] over [q heads; k heads] (and v heads with WRITE_KV)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)  # [BHALF]
     col_ok = cols < HALF
     dt = q_out_ptr.dtype.element_ty
-    # NOTE: positions, the cos/sin table and the slots are host-staged or constant: with
-    # EARLY_LOADS they load before the PDL wait (kernels/fused/pdl.py).
     pos = tl.load(positions_ptr + t).to(tl.int64)
     cos = tl.load(cos_ptr + pos * stride_cache + cols, mask=col_ok, other=0.0)
     sin = tl.load(sin_ptr + pos * stride_cache + cols, mask=col_ok, other=0.0)
-    if WRITE_KV:
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-    if EARLY_LOADS:
-        pdl_wait(USE_PDL)
-    if not EARLY_TRIGGER:
-        pdl_trigger(USE_PDL)
     cos = cos.to(dt).to(tl.float32)[None, :]  # [1, BHALF]
     sin = sin.to(dt).to(tl.float32)[None, :]
     is_q = heads < num_q_heads
@@ -123,6 +110,7 @@ def _rotary_kernel(
     if WRITE_KV:
         # NOTE: the rotated key and the value go straight to the paged cache (write_kv's
         # reshape_and_cache); a slot < 0 stores nothing.
+        slot = tl.load(slot_ptr + t).to(tl.int64)
         ok = slot >= 0
         blk = tl.where(ok, slot, 0) // block_size
         cache_row = blk * stride_cb + (tl.where(ok, slot, 0) % block_size) * stride_cs
@@ -188,8 +176,6 @@ def _launch(
     half = cos_cache.shape[-1]
     head_dim = 2 * half
     num_tokens = query.shape[0]
-    # NOTE: a copy made here is the kernel just before ours: its output can't be read early.
-    early_loads = positions.stride(-1) == 1 and cos_cache.stride(1) == 1
     positions = _last_contiguous(positions)
     query, key = _last_contiguous(query), _last_contiguous(key)
     if cos_cache.stride(1) != 1:
@@ -236,8 +222,6 @@ def _launch(
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         WRITE_KV=cache is not None,
-        EARLY_LOADS=early_loads,
-        EARLY_TRIGGER=pdl_early_trigger(),
         USE_PDL=use_pdl,
         launch_pdl=use_pdl,
         num_warps=4,

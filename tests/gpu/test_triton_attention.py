@@ -413,7 +413,7 @@ def test_decode_chain_sees_the_new_kv_its_rotary_launch_wrote(
         max_seq_len=total,
     )
     splits = -(-total // block_n)  # one key tile per split
-    assert early_kv_tile(md, 16, 16 // (nh // nkv), block_n, splits)
+    assert early_kv_tile(md, nkv, 16, 16 // (nh // nkv), block_n, splits, torch.device(DEVICE))
 
     def set_step(s: int) -> None:
         positions.fill_(ctx + s)
