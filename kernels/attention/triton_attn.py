@@ -41,6 +41,7 @@ gather pipelined with them. float32 runs an exact ("ieee") dot on FMA units with
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
@@ -186,6 +187,28 @@ def _find_seq(qsl_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _kv_offsets(
+    bt_row,
+    offs_n,
+    n_ok,
+    kvh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Element offsets of keys ``offs_n`` of KV head ``kvh`` in the key and value caches: [N]."""
+    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    in_blk = (offs_n % BLOCK_SIZE).to(tl.int64)
+    k_off = blk * stride_kb + in_blk * stride_ks + kvh * stride_kh
+    v_off = blk * stride_vb + in_blk * stride_vs + kvh * stride_vh
+    return k_off, v_off
+
+
+@triton.jit
 def _softmax_step(
     q,
     k,
@@ -303,10 +326,10 @@ def _paged_attn_kernel(
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)  # [N] key positions
         n_ok = offs_n < hi
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        in_blk = (offs_n % BLOCK_SIZE).to(tl.int64)
-        k_off = blk * stride_kb + in_blk * stride_ks + kvh * stride_kh  # [N]
-        v_off = blk * stride_vb + in_blk * stride_vs + kvh * stride_vh  # [N]
+        k_off, v_off = _kv_offsets(
+            bt_row, offs_n, n_ok, kvh,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+        )  # fmt: skip
         kv_mask = n_ok[None, :] & d_ok[:, None]
         k = tl.load(kc_ptr + k_off[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)  # [D, N]
         p, alpha, m_i, l_i = _softmax_step(
@@ -395,12 +418,12 @@ def _paged_decode_early_kernel(
 
     offs_n = lo + tl.arange(0, BLOCK_N)  # [N] the first key tile
     n_ok = offs_n < hi
-    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-    in_blk = (offs_n % BLOCK_SIZE).to(tl.int64)
-    k_ptrs = kc_ptr + (blk * stride_kb + in_blk * stride_ks + kvh * stride_kh)[None, :]
-    k_ptrs = k_ptrs + offs_d[:, None]  # [D, N]
-    v_ptrs = vc_ptr + (blk * stride_vb + in_blk * stride_vs + kvh * stride_vh)[:, None]
-    v_ptrs = v_ptrs + offs_d[None, :]  # [N, D]
+    k_off, v_off = _kv_offsets(
+        bt_row, offs_n, n_ok, kvh,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+    )  # fmt: skip
+    k_ptrs = kc_ptr + k_off[None, :] + offs_d[:, None]  # [D, N]
+    v_ptrs = vc_ptr + v_off[:, None] + offs_d[None, :]  # [N, D]
     old = offs_n < tl.minimum(hi, ctx_len)
     k = tl.load(k_ptrs, mask=old[None, :] & d_ok[:, None], other=0.0)
     v = tl.load(v_ptrs, mask=old[:, None] & d_ok[None, :], other=0.0)
@@ -422,10 +445,10 @@ def _paged_decode_early_kernel(
     for start in range(lo + BLOCK_N, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        in_blk = (offs_n % BLOCK_SIZE).to(tl.int64)
-        k_off = blk * stride_kb + in_blk * stride_ks + kvh * stride_kh  # [N]
-        v_off = blk * stride_vb + in_blk * stride_vs + kvh * stride_vh  # [N]
+        k_off, v_off = _kv_offsets(
+            bt_row, offs_n, n_ok, kvh,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+        )  # fmt: skip
         kv_mask = n_ok[None, :] & d_ok[:, None]
         k = tl.load(kc_ptr + k_off[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)
         p, alpha, m_i, l_i = _softmax_step(
@@ -599,84 +622,33 @@ def paged_attention(
     else:
         part_acc = part_m = part_l = out  # unused
     use_pdl = pdl(q)
+    cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], tables.stride(0))
+    common: dict[str, Any] = dict(
+        BLOCK_SIZE=k_cache.shape[1],
+        GROUP=group,
+        HEAD_DIM=hd,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        CAUSAL=bool(md.causal),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_PDL=use_pdl,
+        launch_pdl=use_pdl,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    parts = (part_acc, part_m, part_l, qsl, seq_lens, tables)
     if early_kv_tile(md, n_kv, block_m, block_q, block_n, num_splits, q.device):
         _paged_decode_early_kernel[(b, n_kv, num_splits)](
-            q,
-            k_cache,
-            v_cache,
-            part_acc,
-            part_m,
-            part_l,
-            qsl,
-            seq_lens,
-            tables,
-            n_heads,
-            num_splits,
-            scale * LOG2E,
-            q.stride(0),
-            q.stride(1),
-            k_cache.stride(0),
-            k_cache.stride(1),
-            k_cache.stride(2),
-            v_cache.stride(0),
-            v_cache.stride(1),
-            v_cache.stride(2),
-            tables.stride(0),
-            BLOCK_SIZE=k_cache.shape[1],
-            GROUP=group,
-            HEAD_DIM=hd,
-            BLOCK_D=block_d,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            CAUSAL=bool(md.causal),
-            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            USE_PDL=use_pdl,
-            launch_pdl=use_pdl,
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )
+            q, k_cache, v_cache, *parts, n_heads, num_splits, scale * LOG2E,
+            q.stride(0), q.stride(1), *cache_strides, **common,
+        )  # fmt: skip
     else:
         _paged_attn_kernel[(n_tiles, n_kv, num_splits)](
-            q,
-            k_cache,
-            v_cache,
-            out,
-            part_acc,
-            part_m,
-            part_l,
-            qsl,
-            seq_lens,
-            tables,
-            b,
-            n_heads,
-            num_splits,
-            scale * LOG2E,
-            q.stride(0),
-            q.stride(1),
-            out.stride(0),
-            out.stride(1),
-            k_cache.stride(0),
-            k_cache.stride(1),
-            k_cache.stride(2),
-            v_cache.stride(0),
-            v_cache.stride(1),
-            v_cache.stride(2),
-            tables.stride(0),
-            BLOCK_SIZE=k_cache.shape[1],
-            GROUP=group,
-            HEAD_DIM=hd,
-            BLOCK_D=block_d,
-            BLOCK_M=block_m,
-            BLOCK_Q=block_q,
-            BLOCK_N=block_n,
-            SPLIT=num_splits > 1,
-            CAUSAL=bool(md.causal),
-            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            USE_PDL=use_pdl,
-            launch_pdl=use_pdl,
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )
+            q, k_cache, v_cache, out, *parts, b, n_heads, num_splits, scale * LOG2E,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides,
+            BLOCK_Q=block_q, SPLIT=num_splits > 1, **common,
+        )  # fmt: skip
     if num_splits > 1:
         use_pdl = pdl(q)
         _reduce_splits_kernel[(t, n_heads)](
