@@ -143,6 +143,7 @@ def _skinny_gemm_kernel(
     USE_DOT: tl.constexpr,
     DOT_IEEE: tl.constexpr,
     NORM_BLOCK: tl.constexpr,
+    EARLY_TILES: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -156,6 +157,9 @@ def _skinny_gemm_kernel(
     # NOTE: weights never depend on the previous kernel: the first tile is loaded before the
     # PDL wait, so its DRAM latency overlaps the previous kernel's tail instead of following it.
     w_first = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
+    if EARLY_TILES > 1:
+        ks2 = BLOCK_K + ks  # NOTE: the launcher asks for two only where K >= 2 * BLOCK_K
+        w_second = tl.load(w_rows + ks2[None, :], mask=n_ok[:, None] & (ks2 < K)[None, :])
     pdl_prologue(USE_PDL)
     x_rows = x_ptr + rows64[:, None] * stride_xm  # [BM, 1]
     res_rows = res_ptr + rows64[:, None] * stride_rm
@@ -187,7 +191,13 @@ def _skinny_gemm_kernel(
         acc = _dot_acc(acc, a, w_first, DOT_IEEE)
     else:
         acc2 += w_first.to(tl.float32) * a.to(tl.float32)  # [BN, BK] (BLOCK_M == 1)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    if EARLY_TILES > 1:
+        a = _a_tile(x_rows, res_rows, g_ptr, ks2, m_ok, ks2 < K, inv, K, PROLOGUE, EVEN_K)
+        if USE_DOT:
+            acc = _dot_acc(acc, a, w_second, DOT_IEEE)
+        else:
+            acc2 += w_second.to(tl.float32) * a.to(tl.float32)
+    for k0 in range(EARLY_TILES * BLOCK_K, K, BLOCK_K):
         cols = k0 + ks
         if EVEN_K:
             k_ok = cols < k0 + BLOCK_K
@@ -261,6 +271,10 @@ def skinny_gemm(
     if use_dot and cfg.block_n < 16:
         # NOTE: tl.dot tiles are at least 16 wide; the tables never hold such an entry.
         cfg = SkinnyConfig(16, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    # NOTE: rows through tl.dot load two weight tiles before the PDL wait, one row one tile. H200,
+    # Llama-3.1-8B steps at 4k keys, three alternations: two tiles took the 5-token verify at
+    # batch 1 from 4980-5020 to 4951-4968 us and the batch-8 decode from 5805-5819 to 5764-5794;
+    # for one row they cost 95-115 us per decode step (4656-4671 against 4546-4562).
     # NOTE: one row reads its whole statistics pass in one load (one L2 round trip, not K / BK).
     norm_block = triton.next_power_of_2(k) if m == 1 and k <= _NORM_ROW_MAX else cfg.block_k
     use_pdl = pdl(x)
@@ -289,6 +303,7 @@ def skinny_gemm(
         USE_DOT=use_dot,
         DOT_IEEE=x.dtype == torch.float32,
         NORM_BLOCK=norm_block,
+        EARLY_TILES=2 if use_dot and k >= 2 * cfg.block_k else 1,
         USE_PDL=use_pdl,
         launch_pdl=use_pdl,
         num_warps=cfg.num_warps,
