@@ -62,9 +62,10 @@ _MIN_KEYS_PER_SPLIT = 64
 # NOTE: early_kv_tile programs hold their first K/V tile in registers across the PDL wait
 # (sm_90, 16 rows, 64-key tiles: 160 registers against 108, so three 4-warp programs per SM
 # instead of four). H200, Llama-3.1-8B decode step at batch 1 and 4k keys (33 splits of two
-# tiles): 4534 and 4544 us against 4651 and 4644 with the plain loop. With the tile early at
-# batch 8 (8 tiles per split, 576 programs) it took 6378-6387 us against 5871-5915, and in
-# 5-token verify tiles 5166-5198 against 5047-5073: those keep the plain loop.
+# tiles), three alternations on one host: 4600-4620 us against 4624-4631 with the plain loop
+# (another host's first run: 4534-4544 against 4644-4651). With the tile early at batch 8
+# (8 tiles per split, 576 programs) it took 6378-6387 us against 5871-5915, and in 5-token
+# verify tiles 5166-5198 against 5047-5073: those keep the plain loop.
 _EARLY_PROGRAMS_PER_SM = 3
 
 
@@ -237,6 +238,54 @@ def _softmax_step(
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
+@triton.jit
+def _cached_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    kc_ptr,
+    vc_ptr,
+    bt_row,
+    start,
+    hi,
+    kvh,
+    offs_d,
+    d_ok,
+    row_ok,
+    q_pos,
+    scale_log2,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Keys ``start .. start + BLOCK_N`` (below ``hi``) read from the paged cache into the
+    online softmax: returns the updated ``(acc, m_i, l_i)``."""
+    offs_n = start + tl.arange(0, BLOCK_N)  # [N] key positions
+    n_ok = offs_n < hi
+    k_off, v_off = _kv_offsets(
+        bt_row, offs_n, n_ok, kvh,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+    )  # fmt: skip
+    kv_mask = n_ok[None, :] & d_ok[:, None]
+    k = tl.load(kc_ptr + k_off[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)  # [D, N]
+    p, alpha, m_i, l_i = _softmax_step(
+        q, k, offs_n, n_ok, row_ok, q_pos, m_i, l_i, scale_log2, CAUSAL, DOT_PREC
+    )
+    v = tl.load(
+        vc_ptr + v_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+    )  # [N, D]
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
+    return acc, m_i, l_i
+
+
 # NOTE: no value specialisation of the ints that change from step to step (batch size, splits,
 # block-table width): an eager caller would otherwise compile a new variant mid-run.
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt"])
@@ -324,21 +373,11 @@ def _paged_attn_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)  # [N] key positions
-        n_ok = offs_n < hi
-        k_off, v_off = _kv_offsets(
-            bt_row, offs_n, n_ok, kvh,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+        acc, m_i, l_i = _cached_tile(
+            acc, m_i, l_i, q, kc_ptr, vc_ptr, bt_row, start, hi, kvh, offs_d, d_ok, row_ok, q_pos,
+            scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_PREC,
         )  # fmt: skip
-        kv_mask = n_ok[None, :] & d_ok[:, None]
-        k = tl.load(kc_ptr + k_off[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)  # [D, N]
-        p, alpha, m_i, l_i = _softmax_step(
-            q, k, offs_n, n_ok, row_ok, q_pos, m_i, l_i, scale_log2, CAUSAL, DOT_PREC
-        )
-        v = tl.load(
-            vc_ptr + v_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-        )  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
 
     if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -443,21 +482,11 @@ def _paged_decode_early_kernel(
     )
     acc = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)  # [M, D]
     for start in range(lo + BLOCK_N, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        k_off, v_off = _kv_offsets(
-            bt_row, offs_n, n_ok, kvh,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+        acc, m_i, l_i = _cached_tile(
+            acc, m_i, l_i, q, kc_ptr, vc_ptr, bt_row, start, hi, kvh, offs_d, d_ok, row_ok, q_pos,
+            scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_PREC,
         )  # fmt: skip
-        kv_mask = n_ok[None, :] & d_ok[:, None]
-        k = tl.load(kc_ptr + k_off[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)
-        p, alpha, m_i, l_i = _softmax_step(
-            q, k, offs_n, n_ok, row_ok, q_pos, m_i, l_i, scale_log2, CAUSAL, DOT_PREC
-        )
-        v = tl.load(
-            vc_ptr + v_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
 
     base = (tok * num_heads + head) * num_splits + split  # [M]
     tl.store(part_m_ptr + base, m_i, mask=row_ok)
@@ -601,7 +630,6 @@ def paged_attention(
             if md.max_query_len <= block_q
             else 1
         )
-    n_tiles = t // block_q + b
     dev = q.device
     qsl = md.query_start_loc.to(dev)
     seq_lens = md.seq_lens.to(dev)
@@ -644,7 +672,7 @@ def paged_attention(
             q.stride(0), q.stride(1), *cache_strides, **common,
         )  # fmt: skip
     else:
-        _paged_attn_kernel[(n_tiles, n_kv, num_splits)](
+        _paged_attn_kernel[(t // block_q + b, n_kv, num_splits)](
             q, k_cache, v_cache, out, *parts, b, n_heads, num_splits, scale * LOG2E,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides,
             BLOCK_Q=block_q, SPLIT=num_splits > 1, **common,
