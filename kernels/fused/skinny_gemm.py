@@ -110,11 +110,16 @@ def _a_tile(
 
 
 @triton.jit
-def _dot_acc(acc, a, w, DOT_IEEE: tl.constexpr):
-    """acc + a @ w.T: [BM, BN]."""
-    if DOT_IEEE:
-        return tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-    return tl.dot(a, tl.trans(w), acc)
+def _acc_tile(acc, a, w, USE_DOT: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """One K tile into the accumulator: ``acc + a @ w.T`` [BM, BN] through tl.dot, or for one
+    row the elementwise products ``acc + w * a`` [BN, BK], summed over K at the end."""
+    if not USE_DOT:
+        acc = acc + w.to(tl.float32) * a.to(tl.float32)
+    elif DOT_IEEE:
+        acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, tl.trans(w), acc)
+    return acc
 
 
 @triton.jit
@@ -184,19 +189,13 @@ def _skinny_gemm_kernel(
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    # the first tile, loaded above
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # (BLOCK_M == 1)
+    # the tiles loaded above
     a = _a_tile(x_rows, res_rows, g_ptr, ks, m_ok, ks < K, inv, K, PROLOGUE, EVEN_K)
-    if USE_DOT:
-        acc = _dot_acc(acc, a, w_first, DOT_IEEE)
-    else:
-        acc2 += w_first.to(tl.float32) * a.to(tl.float32)  # [BN, BK] (BLOCK_M == 1)
+    acc = _acc_tile(acc, a, w_first, USE_DOT, DOT_IEEE)
     if EARLY_TILES > 1:
         a = _a_tile(x_rows, res_rows, g_ptr, ks2, m_ok, ks2 < K, inv, K, PROLOGUE, EVEN_K)
-        if USE_DOT:
-            acc = _dot_acc(acc, a, w_second, DOT_IEEE)
-        else:
-            acc2 += w_second.to(tl.float32) * a.to(tl.float32)
+        acc = _acc_tile(acc, a, w_second, USE_DOT, DOT_IEEE)
     for k0 in range(EARLY_TILES * BLOCK_K, K, BLOCK_K):
         cols = k0 + ks
         if EVEN_K:
@@ -206,12 +205,9 @@ def _skinny_gemm_kernel(
             k_ok = cols < K
             w = tl.load(w_rows + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         a = _a_tile(x_rows, res_rows, g_ptr, cols, m_ok, k_ok, inv, K, PROLOGUE, EVEN_K)
-        if USE_DOT:
-            acc = _dot_acc(acc, a, w, DOT_IEEE)
-        else:
-            acc2 += w.to(tl.float32) * a.to(tl.float32)  # [BN, BK] (BLOCK_M == 1)
+        acc = _acc_tile(acc, a, w, USE_DOT, DOT_IEEE)
     if not USE_DOT:
-        acc = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_N))
+        acc = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
