@@ -33,7 +33,7 @@ import torch
 from outrider.kernels.attention.metadata import AttentionMetadata
 from outrider.kernels.attention.paged_csr import PagedCSR, build_paged_csr
 from outrider.kernels.attention.torch_ref import TorchAttentionBackend
-from outrider.kernels.attention.triton_attn import write_kv
+from outrider.kernels.attention.triton_kv_write import write_kv
 
 STATE_KEY = "flashinfer"
 _WORKSPACE_BYTES = 128 * 2**20

@@ -22,7 +22,8 @@ INTERPRET = os.environ.get("OUTRIDER_TRITON_INTERPRET") == "1"
 
 from outrider.kernels.attention import torch_ref  # noqa: E402
 from outrider.kernels.attention.metadata import AttentionMetadata  # noqa: E402
-from outrider.kernels.attention.triton_attn import BACKEND, paged_attention, write_kv  # noqa: E402
+from outrider.kernels.attention.triton_attn import BACKEND, paged_attention  # noqa: E402
+from outrider.kernels.attention.triton_kv_write import write_kv  # noqa: E402
 
 pytestmark = [] if INTERPRET else [pytest.mark.gpu]
 DEVICE = "cpu" if INTERPRET else "cuda"
