@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_moe_token.py           # Qwen3-30B-A3B block at one token, bf16
     python benchmarks/gpu_moe_token.py --sweep   # also coordinate-descend over the tiles
+    OUTRIDER_PDL=0 python benchmarks/gpu_moe_token.py --breakdown  # each launch's device time
 
 Times ``triton_moe_token.token_moe`` (router, gate/up with top-k, down) and the general path the
 layer ran before it (router linear, ``select_experts``, ``fused_moe``), each as one CUDA graph of
@@ -50,6 +51,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="print each launch's device time per block (profiled graph replays; with PDL on, "
+        "a kernel's time includes its wait for the one before)",
+    )
     args = ap.parse_args(argv)
     from outrider.cluster.bench_timing import copy_bandwidth
     from outrider.kernels.moe import triton_moe_token as tok
@@ -98,10 +105,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"general {g_us:7.1f} us  x{g_us / floor_us:.2f}  (router, select_experts, fused_moe)")
     best = tok.DEFAULT_CONFIG
     best_us = time_config(best)
+    if args.breakdown:
+        from outrider.cluster.bench_timing import capture, format_kernel_times, kernel_times
+
+        replay = capture(lambda: [token(p, best) for p in layers])
+        times = kernel_times(replay, dev)
+        per_block = [(name, us / args.layers, n / args.layers) for name, us, n in times]
+        print("per block:\n" + "\n".join(format_kernel_times(per_block)))
+        rows.append(dict(path="breakdown", kernels=per_block))
     if args.sweep:
-        grids: list[dict[str, list[int]]] = [
-            dict(block_n1=[4, 8, 16], block_k1=[256, 512, 1024], stages1=[3, 4, 5]),
-            dict(block_n2=[4, 8, 16], block_k2=[128, 256, 512], stages2=[3, 4, 5]),
+        grids: list[dict[str, list[Any]]] = [
+            dict(block_n2=[2, 4, 8], block_k2=[64, 128, 256]),
+            dict(block_n1=[8, 16], block_k1=[128, 256, 512], stages1=[3, 5]),
             dict(router_block_e=[4, 8, 16], router_block_k=[128, 256, 512]),
             dict(num_warps=[2, 4, 8]),
         ]
@@ -120,6 +135,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     best, best_us = cfg, us
         print(f"best    {best_us:7.1f} us  x{best_us / floor_us:.2f}  {best}")
         rows.append(dict(path="best", config=dataclasses.asdict(best), us=best_us))
+        if best != tok.DEFAULT_CONFIG:  # the two alternately, three times each
+            ab = {"default": tok.DEFAULT_CONFIG, "best": best}
+            times: dict[str, list[float]] = {name: [] for name in ab}
+            for _ in range(3):
+                for name, cfg in ab.items():
+                    times[name].append(time_config(cfg))
+            for name, us_list in times.items():
+                print(f"a/b {name:8s} " + " ".join(f"{us:6.1f}" for us in us_list) + " us")
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "gpu_moe_token.json"), "w") as f:
@@ -127,8 +150,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def _product(lists: list[list[int]]) -> list[tuple[int, ...]]:
-    out: list[tuple[int, ...]] = [()]
+def _product(lists: list[list[Any]]) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = [()]
     for values in lists:
         out = [t + (v,) for t in out for v in values]
     return out

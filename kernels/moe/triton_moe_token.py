@@ -18,10 +18,12 @@ than its work. Here:
   order and the smallest index wins among equals. One extra program runs the softmax and top-k
   itself (``triton_routing.softmax_topk``) and writes ``topk_weights`` and ``topk_ids``. Then
   the expert's gate and up GEMVs over H: ``act[j] = silu(gate) * up``, in the activation dtype.
-* ``_down_kernel``: one program per ``BLOCK_N`` columns of H runs the k down GEMVs in one
-  flattened loop over (expert, K step), so the loads stay pipelined across experts. Each
-  activation is scaled by its routing weight as it is loaded, so one float32 accumulator sums
-  every expert: the output row, without a combine.
+* ``_down_kernel``: one program per ``BLOCK_N`` columns of H runs the k down GEMVs together:
+  its tile has one row per (pair, column), so every pair's weights stream in the same load, and
+  the next K tile's load is issued before the current one's products. (One expert at a time,
+  the loop's expert-id loads and small tiles kept too few bytes in flight: 15.6 us for the 25 MB
+  of down weights on an H200, 9.0 us now.) Each activation is scaled by its routing weight as it
+  is loaded, so the sum over the tile's rows is the output row, without a combine.
 
 One row needs no tensor cores: products accumulate in ``[BLOCK_N, BLOCK_K]`` float32 tiles, as
 the skinny GEMM's one-row path does. Results are deterministic (fixed reduction trees, no
@@ -54,16 +56,17 @@ class TokenMoeConfig:
     router_block_k: int  # columns of H per router program (one tile)
     block_n1: int  # gate/up: columns of I per program (each for gate and for up)
     block_k1: int  # gate/up: K step over H
-    block_n2: int  # down: columns of H per program
+    block_n2: int  # down: columns of H per program (its tile has k * block_n2 rows)
     block_k2: int  # down: K step over I
     num_warps: int
     stages1: int
-    stages2: int
+    stages2: int  # NOTE: the down loop double-buffers by hand; 1 asks the compiler for nothing
 
 
-# NOTE: sm_90 choice from benchmarks/gpu_moe.py --token-sweep on an H200 (Qwen3-30B-A3B block,
-# CUDA-graph replays): narrow N tiles so that every SM holds several streaming programs.
-DEFAULT_CONFIG = TokenMoeConfig(8, 256, 16, 256, 4, 256, 4, 5, 4)
+# NOTE: sm_90 choice from benchmarks/gpu_moe_token.py --sweep on an H200 (Qwen3-30B-A3B block,
+# CUDA-graph replays): narrow N tiles so that every SM holds several streaming programs; the
+# down tile is 8 pairs x 4 columns x 128 (96 registers, the 512 programs in one wave).
+DEFAULT_CONFIG = TokenMoeConfig(8, 256, 16, 256, 4, 128, 4, 5, 1)
 # NOTE: float32 (tests, the interpreter) keeps tiles small.
 _FLOAT32 = TokenMoeConfig(8, 64, 8, 64, 8, 64, 4, 2, 2)
 
@@ -209,6 +212,18 @@ def _gate_up_kernel(
 
 
 @triton.jit
+def _down_w_tile(w_rows, k0, ks, r_ok, inter, EVEN_K: tl.constexpr):
+    """Columns ``k0 + ks`` of the down weight rows ``w_rows [R]``: ``[R, BK]``, zero where
+    masked (a whole tile past the end loads nothing)."""
+    cols = k0 + ks
+    if EVEN_K:
+        mask = (r_ok & (k0 < inter))[:, None]
+    else:
+        mask = r_ok[:, None] & (cols < inter)[None, :]
+    return tl.load(w_rows[:, None] + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _down_kernel(
     act_ptr,
     w_ptr,
@@ -220,36 +235,45 @@ def _down_kernel(
     stride_we,
     stride_wn,
     TOP_K: tl.constexpr,
+    BLOCK_TOP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pdl_prologue(USE_PDL)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < hidden
-    w_rows = offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+    # NOTE: one tile row per (pair j, output column n): every pair's weights stream in the same
+    # load, so a program keeps TOP_K times more bytes in flight than one expert at a time.
+    r = tl.arange(0, BLOCK_TOP * BLOCK_N)
+    j = r // BLOCK_N  # [R]
+    offs_n = pid * BLOCK_N + r % BLOCK_N  # [R]
+    j_ok = j < TOP_K
+    r_ok = j_ok & (offs_n < hidden)
     ks = tl.arange(0, BLOCK_K)
-    num_k = tl.cdiv(inter, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for it in range(0, TOP_K * num_k):
-        j = it // num_k
-        cols = (it - j * num_k) * BLOCK_K + ks
-        expert = tl.load(topk_ids_ptr + j).to(tl.int64)
-        weight = tl.load(topk_w_ptr + j)
-        w_ptrs = w_ptr + expert * stride_we + w_rows + cols[None, :]  # [BN, BK]
+    pdl_prologue(USE_PDL)
+    expert = tl.load(topk_ids_ptr + j, mask=j_ok, other=0)  # [R]
+    weight = tl.load(topk_w_ptr + j, mask=j_ok, other=0.0)
+    w_rows = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn  # [R]
+    a_rows = act_ptr + j * inter  # [R]
+    w = _down_w_tile(w_rows, 0, ks, r_ok, inter, EVEN_K)
+    acc = tl.zeros((BLOCK_TOP * BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        cols = k0 + ks
         if EVEN_K:
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-            a = tl.load(act_ptr + j * inter + cols)  # [BK]
+            a = tl.load(a_rows[:, None] + cols[None, :], mask=j_ok[:, None], other=0.0)
         else:
-            k_ok = cols < inter
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            a = tl.load(act_ptr + j * inter + cols, mask=k_ok, other=0.0)
+            a_ok = j_ok[:, None] & (cols < inter)[None, :]
+            a = tl.load(a_rows[:, None] + cols[None, :], mask=a_ok, other=0.0)
+        w_now = w
+        # NOTE: the next tile's load goes out before this one's products (two tiles in flight);
+        # past the end it is masked off entirely.
+        w = _down_w_tile(w_rows, k0 + BLOCK_K, ks, r_ok, inter, EVEN_K)
         # NOTE: the routing weight scales the activation, so one sum covers every expert.
-        acc += w.to(tl.float32) * (a.to(tl.float32) * weight)[None, :]
-    out = tl.sum(acc, axis=1)  # [BN]
-    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+        acc += w_now.to(tl.float32) * (a.to(tl.float32) * weight[:, None])  # [R, BK]
+    per_row = tl.sum(acc, axis=1)  # [R]
+    out = tl.sum(tl.reshape(per_row, (BLOCK_TOP, BLOCK_N)), axis=0)  # [BN]
+    n_out = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < hidden)
 
 
 def token_moe(
@@ -356,6 +380,7 @@ def token_moe(
         w2.stride(0),
         w2.stride(1),
         TOP_K=top_k,
+        BLOCK_TOP=triton.next_power_of_2(top_k),
         BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2,
         EVEN_K=inter % cfg.block_k2 == 0,
