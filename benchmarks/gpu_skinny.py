@@ -211,10 +211,13 @@ def main() -> None:
             continue
         for prologue in prologues:
             for rows in rows_list:
+                key = st.table_key(prologue, rows, n, k)
+                if "chain" in entries.get(key, {}):
+                    print(f"{label:22} {prologue:9} {rows:>3} kept: chosen in a model step")
+                    continue
                 r = sweep_one(n, k, prologue, rows, dtype, device, bandwidth)
                 cfg = r.pop("config")
                 use = r["us"] < 0.98 * r["baseline_us"]
-                key = st.table_key(prologue, rows, n, k)
                 entries[key] = st.config_entry(cfg, use=use, shape=label, **r)
                 c = f"{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
                 print(

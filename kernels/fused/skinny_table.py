@@ -2,7 +2,9 @@
 
 The kernel pays only on some shapes and row counts, so the choice is a table measured per GPU
 model (``skinny_gemm_configs/<device>.json``, written by ``benchmarks/gpu_skinny.py``): an entry
-is used only where the kernel beat cuBLAS plus the separate prologue launch. Without a table for
+is used only where the kernel beat cuBLAS plus the separate prologue launch, or, for an entry
+with a ``chain`` record, where it made a whole model step faster (``bench-kernels``: inside the
+step, PDL and the launch it saves count; alone they do not). Without a table for
 the GPU, every projection stays on cuBLAS. ``OUTRIDER_SKINNY_GEMM=0`` turns the path off;
 ``OUTRIDER_SKINNY_GEMM_CONFIG=<file>`` reads another table. This module imports no Triton: the
 layers ask it on every call, on machines with and without Triton.

@@ -25,6 +25,13 @@ def test_committed_table_is_consistent(path: Path) -> None:
         cfg = sg.SkinnyConfig(**e["config"])
         for v in (cfg.block_n, cfg.block_k):
             assert v & (v - 1) == 0, f"{key}: tile sizes are powers of two"
+        if "chain" in e:
+            # NOTE: chosen inside a model step (bench-kernels), where every run beat every run
+            # of the table without it.
+            assert e["use"], key
+            assert max(e["chain"]["us"]) < min(e["chain"]["baseline_us"]), key
+            assert e["chain"]["step"] and e["chain"]["why"], key
+            continue
         # NOTE: an entry is used only where it beat cuBLAS plus the separate prologue launch.
         assert e["use"] == (e["us"] < 0.98 * e["baseline_us"]), key
         assert e["max_row_error"] < 1e-2, key
