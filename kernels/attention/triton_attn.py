@@ -184,6 +184,26 @@ def _cached_tile(
 
 # NOTE: no value specialisation of the ints that change from step to step (batch size, splits,
 # block-table width): an eager caller would otherwise compile a new variant mid-run.
+@triton.jit
+def _split_range(kv_end, split, num_splits, BLOCK_N: tl.constexpr):
+    """Keys ``[lo, hi)`` of split ``split``: whole ``BLOCK_N`` tiles, spread evenly."""
+    tiles_per_split = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), num_splits)
+    lo = split * tiles_per_split * BLOCK_N
+    return lo, tl.minimum(kv_end, lo + tiles_per_split * BLOCK_N)
+
+
+@triton.jit
+def _store_partials(
+    part_acc_ptr, part_m_ptr, part_l_ptr, acc, m_i, l_i, tok, head, row_ok, offs_d,
+    num_heads, num_splits, split, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One split's unnormalised rows for ``_reduce_splits_kernel``."""
+    base = (tok * num_heads + head) * num_splits + split  # [M]
+    tl.store(part_m_ptr + base, m_i, mask=row_ok)
+    tl.store(part_l_ptr + base, l_i, mask=row_ok)
+    tl.store(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt"])
 def _paged_attn_kernel(
     q_ptr,
@@ -257,9 +277,7 @@ def _paged_attn_kernel(
     else:
         kv_end = seq_len
     if SPLIT:
-        tiles_per_split = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), num_splits)
-        lo = split * tiles_per_split * BLOCK_N
-        hi = tl.minimum(kv_end, lo + tiles_per_split * BLOCK_N)
+        lo, hi = _split_range(kv_end, split, num_splits, BLOCK_N)
     else:
         lo = 0
         hi = kv_end
@@ -283,12 +301,10 @@ def _paged_attn_kernel(
             mask=row_ok[:, None] & d_ok[None, :],
         )
     else:
-        base = (tok * num_heads + head) * num_splits + split  # [M]
-        tl.store(part_m_ptr + base, m_i, mask=row_ok)
-        tl.store(part_l_ptr + base, l_i, mask=row_ok)
-        tl.store(
-            part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None]
-        )
+        _store_partials(
+            part_acc_ptr, part_m_ptr, part_l_ptr, acc, m_i, l_i, tok, head, row_ok, offs_d,
+            num_heads, num_splits, split, BLOCK_D,
+        )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
@@ -346,9 +362,7 @@ def _paged_decode_early_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_pos = ctx_len + q_idx  # [M]
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
-    lo = split * tiles_per_split * BLOCK_N
-    hi = tl.minimum(seq_len, lo + tiles_per_split * BLOCK_N)
+    lo, hi = _split_range(seq_len, split, num_splits, BLOCK_N)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
 
     offs_n = lo + tl.arange(0, BLOCK_N)  # [N] the first key tile
@@ -384,10 +398,10 @@ def _paged_decode_early_kernel(
             BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_PREC,
         )  # fmt: skip
 
-    base = (tok * num_heads + head) * num_splits + split  # [M]
-    tl.store(part_m_ptr + base, m_i, mask=row_ok)
-    tl.store(part_l_ptr + base, l_i, mask=row_ok)
-    tl.store(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+    _store_partials(
+        part_acc_ptr, part_m_ptr, part_l_ptr, acc, m_i, l_i, tok, head, row_ok, offs_d,
+        num_heads, num_splits, split, BLOCK_D,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_splits"])
