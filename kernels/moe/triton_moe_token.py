@@ -59,16 +59,15 @@ class TokenMoeConfig:
     block_n2: int  # down: columns of H per program (its tile has k * block_n2 rows)
     block_k2: int  # down: K step over I
     num_warps: int
-    stages1: int
-    stages2: int  # NOTE: the down loop double-buffers by hand; 1 asks the compiler for nothing
+    stages1: int  # gate/up's num_stages (the down loop double-buffers by hand)
 
 
 # NOTE: sm_90 choice from benchmarks/gpu_moe_token.py --sweep on an H200 (Qwen3-30B-A3B block,
 # CUDA-graph replays): narrow N tiles so that every SM holds several streaming programs; the
 # down tile is 8 pairs x 4 columns x 128 (96 registers, the 512 programs in one wave).
-DEFAULT_CONFIG = TokenMoeConfig(8, 256, 16, 256, 4, 128, 4, 5, 1)
+DEFAULT_CONFIG = TokenMoeConfig(8, 256, 16, 256, 4, 128, 4, 5)
 # NOTE: float32 (tests, the interpreter) keeps tiles small.
-_FLOAT32 = TokenMoeConfig(8, 64, 8, 64, 8, 64, 4, 2, 2)
+_FLOAT32 = TokenMoeConfig(8, 64, 8, 64, 8, 64, 4, 2)
 
 
 def enabled() -> bool:
@@ -386,7 +385,7 @@ def token_moe(
         EVEN_K=inter % cfg.block_k2 == 0,
         USE_PDL=use_pdl,
         num_warps=cfg.num_warps,
-        num_stages=cfg.stages2,
+        num_stages=1,
         launch_pdl=use_pdl,
     )
     return out, weights, ids
