@@ -8,6 +8,8 @@ per forward and shared by every layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -115,6 +117,9 @@ class TorchAttentionBackend:
     cuda_graph_safe = False
     write_kv = staticmethod(write_kv)
     attend = staticmethod(paged_attention)
+    # NOTE: a backend may offer the rotary, the KV write and the attention as one call, with
+    # the signature of triton_decode_rotary.paged_attention_rotary (Attention.forward_rotary).
+    attend_rotary: Callable[..., torch.Tensor] | None = None
 
     def warm_up(
         self,

@@ -16,7 +16,9 @@ batch (the KV write is ``triton_kv_write.py``):
   merges them.
 * ``_paged_decode_early_kernel``: decode-sized tiles whose splits hold at most two key tiles,
   with every program resident at once (``early_kv_tile``): one program per (sequence, KV head,
-  split), and the split's first key tile loads before the PDL wait (below).
+  split), and the split's first key tile loads before the PDL wait (below). Models reach the
+  same decode batches through ``triton_decode_rotary.py`` (``attend_rotary``), whose kernel also
+  does the rotary embedding and the KV write.
 
 The grid depends only on host integers (T, B, nKV, ``md.max_query_len`` and a split count
 derived from the batch geometry and ``md.max_seq_len``); sequence boundaries are found inside
@@ -476,17 +478,18 @@ def early_kv_tile(
     block_n: int,
     num_splits: int,
     device: torch.device,
+    programs_per_sm: int = _EARLY_PROGRAMS_PER_SM,
 ) -> bool:
     """Whether the kernel loads its first key tile's cached K/V before the PDL wait: decode
     tiles (at most 16 rows, one query tile per sequence) whose splits hold at most two key tiles
-    at ``md.max_seq_len``, with every program resident at once. Longer contexts stay correct
-    (the rest of a split loops after the wait)."""
+    at ``md.max_seq_len``, with every program resident at once (``programs_per_sm``). Longer
+    contexts stay correct (the rest of a split loops after the wait)."""
     if block_m > 16 or num_splits <= 1 or md.max_query_len > block_q:
         return False
     tiles = triton.cdiv(max(md.max_seq_len, 1), block_n)
     per_split = triton.cdiv(tiles, num_splits)
     programs = md.num_seqs * n_kv * triton.cdiv(tiles, per_split)
-    return per_split <= 2 and programs <= _EARLY_PROGRAMS_PER_SM * _sm_count(device)
+    return per_split <= 2 and programs <= programs_per_sm * _sm_count(device)
 
 
 def _num_splits(
@@ -545,18 +548,7 @@ def paged_attention(
     seq_lens = md.seq_lens.to(dev)
     tables = md.block_tables.to(dev)
     if num_splits > 1:
-        # NOTE: the scratch lives in the metadata, so every layer of one forward reuses it.
-        state = md.backend_state.setdefault("triton", {})
-        key = ("splits", t, n_heads, num_splits, block_d, dev)
-        bufs = state.get(key)
-        if bufs is None:
-            bufs = (
-                torch.empty((t, n_heads, num_splits, block_d), dtype=torch.float32, device=dev),
-                torch.empty((t, n_heads, num_splits), dtype=torch.float32, device=dev),
-                torch.empty((t, n_heads, num_splits), dtype=torch.float32, device=dev),
-            )
-            state[key] = bufs
-        part_acc, part_m, part_l = bufs
+        part_acc, part_m, part_l = split_scratch(md, t, n_heads, num_splits, block_d, dev)
     else:
         part_acc = part_m = part_l = out  # unused
     use_pdl = pdl(q)
@@ -588,24 +580,55 @@ def paged_attention(
             BLOCK_Q=block_q, SPLIT=num_splits > 1, **common,
         )  # fmt: skip
     if num_splits > 1:
-        use_pdl = pdl(q)
-        _reduce_splits_kernel[(t, n_heads)](
-            out,
-            part_acc,
-            part_m,
-            part_l,
-            n_heads,
-            num_splits,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=hd,
-            BLOCK_D=block_d,
-            SPLITS_P2=max(_MAX_SPLITS, triton.next_power_of_2(num_splits)),
-            USE_PDL=use_pdl,
-            launch_pdl=use_pdl,
-            num_warps=2 if block_d <= 64 else 4,
-        )
+        reduce_splits(out, part_acc, part_m, part_l, num_splits)
     return out
+
+
+def split_scratch(
+    md: AttentionMetadata, t: int, n_heads: int, num_splits: int, block_d: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The split kernels' partial rows ``(acc [T, nH, S, D], m [T, nH, S], l [T, nH, S])``."""
+    # NOTE: the scratch lives in the metadata, so every layer of one forward reuses it.
+    state = md.backend_state.setdefault("triton", {})
+    key = ("splits", t, n_heads, num_splits, block_d, dev)
+    bufs = state.get(key)
+    if bufs is None:
+        bufs = (
+            torch.empty((t, n_heads, num_splits, block_d), dtype=torch.float32, device=dev),
+            torch.empty((t, n_heads, num_splits), dtype=torch.float32, device=dev),
+            torch.empty((t, n_heads, num_splits), dtype=torch.float32, device=dev),
+        )
+        state[key] = bufs
+    return bufs
+
+
+def reduce_splits(
+    out: torch.Tensor,  # [T, nH, hd], written in full
+    part_acc: torch.Tensor,  # [T, nH, S, D]
+    part_m: torch.Tensor,  # [T, nH, S]
+    part_l: torch.Tensor,  # [T, nH, S]
+    num_splits: int,
+) -> None:
+    """Merge the splits' partial rows into ``out`` (one launch)."""
+    t, n_heads, hd = out.shape
+    block_d = part_acc.shape[-1]
+    use_pdl = pdl(out)
+    _reduce_splits_kernel[(t, n_heads)](
+        out,
+        part_acc,
+        part_m,
+        part_l,
+        n_heads,
+        num_splits,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=hd,
+        BLOCK_D=block_d,
+        SPLITS_P2=max(_MAX_SPLITS, triton.next_power_of_2(num_splits)),
+        USE_PDL=use_pdl,
+        launch_pdl=use_pdl,
+        num_warps=2 if block_d <= 64 else 4,
+    )
 
 
 def warm_up_variants(
@@ -618,7 +641,8 @@ def warm_up_variants(
     causal: tuple[bool, ...] = (True,),
 ) -> int:
     """Launch ``paged_attention`` at query lengths on both sides of every BLOCK_M tier, over
-    one key tile, a few and many, in each ``causal`` mode, on a scratch cache:
+    one key tile, a few and many, in each ``causal`` mode, on a scratch cache, and the
+    one-launch decode of ``paged_attention_rotary`` (``warm_up_rotary``):
     every tile variant the launcher can pick for these shapes is compiled (Triton skips the
     ones it has), so none is compiled on first use in the middle of a request (hundreds of ms
     each). Returns the number of launches."""
@@ -651,7 +675,10 @@ def warm_up_variants(
                 )
                 paged_attention(q, k_cache, v_cache, md, 1.0)
                 count += 1
-    return count
+    from outrider.kernels.attention.triton_decode_rotary import warm_up_rotary
+
+    args = (num_heads, num_kv_heads, head_dim, block_size, dtype, device, causal)
+    return count + warm_up_rotary(*args)
 
 
 class TritonAttentionBackend(TorchAttentionBackend):
@@ -664,6 +691,14 @@ class TritonAttentionBackend(TorchAttentionBackend):
     attend = staticmethod(paged_attention)
 
     warm_up = staticmethod(warm_up_variants)
+
+    @staticmethod
+    def attend_rotary(*args: Any, **kwargs: Any) -> torch.Tensor:
+        """``triton_decode_rotary.paged_attention_rotary``: the rotary, the KV write and the
+        attention, as one launch at decode (see there)."""
+        from outrider.kernels.attention.triton_decode_rotary import paged_attention_rotary
+
+        return paged_attention_rotary(*args, **kwargs)
 
 
 BACKEND = TritonAttentionBackend()

@@ -335,7 +335,8 @@ def test_warm_up_leaves_nothing_to_compile(
         torch.cuda.synchronize()
     finally:
         log.uninstall()
-    built = [c.name for c in log.entries if "_paged_attn" in c.name or "_reduce_splits" in c.name]
+    ours = ("_paged_attn", "_paged_decode", "_reduce_splits")
+    built = [c.name for c in log.entries if any(n in c.name for n in ours)]
     assert not built, f"compiled after the warm-up: {log.since(0.0)}"
 
 
@@ -360,18 +361,37 @@ def _random_geometries(
         kc, vc = case["k_cache"].to(DEVICE), case["v_cache"].to(DEVICE)
         md = to_device(case["md"])
         paged_attention(case["q"].to(DEVICE), kc, vc, md, case["scale"])
+    # NOTE: decode steps as the models run them: the rotary, the KV write and the attention
+    # from column slices of one fused qkv (paged_attention_rotary; one launch where it can).
+    from outrider.kernels.attention.triton_decode_rotary import paged_attention_rotary
+
+    cos = torch.rand(8192, hd // 2, generator=g).to(DEVICE)
+    for _ in range(20):
+        b = int(torch.randint(1, 9, (1,), generator=g))
+        seqs = [(int(torch.randint(0, 5000, (1,), generator=g)), 1) for _ in range(b)]
+        case = make_case(seqs, n_heads, n_kv, hd, dtype, block_size, True, gen)
+        kc, vc = case["k_cache"].to(DEVICE), case["v_cache"].to(DEVICE)
+        md = to_device(case["md"])
+        qkv = torch.cat([case[x].view(b, -1) for x in "qkv"], dim=1).to(DEVICE)
+        q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=1)
+        positions = torch.tensor([c for c, _ in seqs], device=DEVICE)
+        paged_attention_rotary(positions, q, k, v, cos, cos, kc, vc, md, case["scale"])
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["rotary-launch", "one-launch"])
 def test_decode_chain_sees_the_new_kv_its_rotary_launch_wrote(
-    gen: torch.Generator, capture_step: Any
+    fused: bool, gen: torch.Generator, capture_step: Any
 ) -> None:
     """One decode layer's launch chain, q/k/v projection (skinny GEMM) -> rotary with the KV
     write -> attention, over three steps; on the GPU as PDL launches replayed from one CUDA
     graph. Each split holds one key tile (``early_kv_tile``), so the attention loads its cached
     keys and values before the PDL wait and the new token's after: each step's output must use
     the key and value its own rotary launch just stored. Every slot not yet written holds 1e3,
-    so a read that came too early could not stay within the bound."""
+    so a read that came too early could not stay within the bound. ``one-launch``: the rotary
+    and the write inside the attention launch (``paged_attention_rotary``), whose later steps
+    must read the keys and values it stored in the earlier ones."""
     from outrider.kernels.attention.triton_attn import early_kv_tile
+    from outrider.kernels.attention.triton_decode_rotary import fused_plan, paged_attention_rotary
     from outrider.kernels.fused.rotary import apply_rotary_write_kv, rotary_ref
     from outrider.kernels.fused.skinny_gemm import skinny_gemm
 
@@ -415,6 +435,7 @@ def test_decode_chain_sees_the_new_kv_its_rotary_launch_wrote(
     )
     splits = -(-total // block_n)  # one key tile per split
     assert early_kv_tile(md, nkv, 16, 16 // (nh // nkv), block_n, splits, torch.device(DEVICE))
+    assert not fused or fused_plan(md, nh, nkv, hd, dtype, torch.device(DEVICE)) is not None
 
     def set_step(s: int) -> None:
         positions.fill_(ctx + s)
@@ -425,6 +446,11 @@ def test_decode_chain_sees_the_new_kv_its_rotary_launch_wrote(
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         qkv, _ = skinny_gemm(x, w_qkv)
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        if fused:
+            out = paged_attention_rotary(
+                positions, q, k, v, cos, sin, k_cache, v_cache, md, hd**-0.5
+            )
+            return qkv, out
         q = apply_rotary_write_kv(positions, q, k, v, cos, sin, k_cache, v_cache, slots)
         out = paged_attention(q.view(1, nh, hd), k_cache, v_cache, md, hd**-0.5, num_splits=splits)
         return qkv, out
@@ -459,3 +485,104 @@ def test_decode_chain_sees_the_new_kv_its_rotary_launch_wrote(
         err = rel_err(out, ref)
         print(f"step {s}: relative error {err:.2e}")
         assert err <= REL_BOUND[dtype], f"step {s}: relative error {err:.3e}"
+
+
+# Decode batches the one-launch rotary + attention takes: (cached tokens, new tokens) per
+# sequence. Each fits early_kv_tile (at most two key tiles per split, every program resident)
+# at every head shape whose query tile has at most 16 rows.
+if INTERPRET:
+    ROTARY_BATCHES = {
+        "one": [(90, 1)],
+        "two": [(100, 1), (37, 1)],
+        "verify": [(100, 4)],
+    }
+else:
+    ROTARY_BATCHES = {
+        "one": [(2000, 1)],
+        "short": [(100, 1)],
+        "two-tiles": [(4170, 1)],  # the new key in the second tile of its split
+        "eight": [(c, 1) for c in (0, 15, 64, 100, 200, 255, 31, 128)],
+        "multi": [(1000, 4), (17, 2)],
+    }
+
+
+def rotated_bound(x: torch.Tensor, ref: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Per element of a rotated ``x [T, n * hd]``: one unit in the last place of the products
+    ``|x|·|cos| + |partner|·|sin|`` plus one of ``ref`` (two kernels computing the same roundings
+    may differ by a folded product on the GPU; the interpreter is exact)."""
+    from outrider.kernels.fused.rotary import rotary_ref
+
+    xa = x.float().abs()
+    first, _ = rotary_ref(positions, xa, xa, cos.abs(), -sin.abs())
+    second, _ = rotary_ref(positions, xa, xa, cos.abs(), sin.abs())
+    half = cos.shape[-1]
+    low = (torch.arange(x.shape[-1], device=x.device) % (2 * half)) < half
+    mag = torch.where(low, first, second)
+    bits = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[x.dtype]
+
+    def ulp(y: torch.Tensor) -> torch.Tensor:
+        e = torch.frexp(y.float()).exponent
+        return torch.ldexp(torch.ones_like(y, dtype=torch.float32), e - 1 - bits)
+
+    return ulp(mag) + ulp(ref)
+
+
+# NOTE: float32 tiles (16 keys) never qualify for early_kv_tile, so never for the one launch.
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"h{h[0]}kv{h[1]}d{h[2]}")
+@pytest.mark.parametrize("batch", list(ROTARY_BATCHES))
+def test_decode_rotary_in_one_launch_matches_rotary_then_attention(
+    batch: str, heads: tuple[int, int, int], dtype: torch.dtype, gen: torch.Generator
+) -> None:
+    """``paged_attention_rotary`` on column slices of a fused qkv, where it takes the one-launch
+    path: the caches hold what the rotary launch stores (new slots only, a slot < 0 untouched),
+    and the output is the float64 attention over the rotated q and keys."""
+    from outrider.kernels.attention.triton_decode_rotary import fused_plan, paged_attention_rotary
+    from outrider.kernels.fused.rotary import apply_rotary, apply_rotary_write_kv
+
+    n_heads, n_kv, hd = heads
+    seqs = ROTARY_BATCHES[batch]
+    case = make_case(seqs, n_heads, n_kv, hd, dtype, 16, True, gen)
+    md = to_device(case["md"])
+    if md.num_seqs > 1:
+        md.slot_mapping = md.slot_mapping.clone()
+        md.slot_mapping[0] = -1  # a padding token: its key and value go nowhere
+    if md.max_query_len * (n_heads // n_kv) > 16:
+        pytest.skip("query tiles of more than 16 rows run the two launches")
+    plan = fused_plan(md, n_heads, n_kv, hd, dtype, torch.device(DEVICE))
+    assert plan is not None, "this batch was meant to take the one launch"
+    t = md.query_start_loc[-1].item()
+    qkv = torch.cat(
+        [case["q"].view(t, -1), case["k"].view(t, -1), case["v"].view(t, -1)], dim=1
+    ).to(DEVICE)
+    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=1)
+    positions = torch.cat([torch.arange(c, c + n) for c, n in seqs]).to(DEVICE)
+    half = hd // 2
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(half, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(8192, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+
+    kc, vc = case["k_cache"].to(DEVICE), case["v_cache"].to(DEVICE)
+    want_k, want_v = kc.clone(), vc.clone()
+    apply_rotary_write_kv(positions, q, k, v, cos, sin, want_k, want_v, md.slot_mapping)
+    out = paged_attention_rotary(positions, q, k, v, cos, sin, kc, vc, md, case["scale"])
+
+    written = md.slot_mapping[md.slot_mapping >= 0]
+    flat = lambda c: c.view(-1, n_kv, hd)  # noqa: E731
+    untouched = torch.ones(flat(kc).shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[written] = False
+    for name, got, want in (("key", kc, want_k), ("value", vc, want_v)):
+        assert same_bits(flat(got)[untouched], flat(want)[untouched]), f"{name}: other slots"
+    assert torch.equal(flat(vc)[written], flat(want_v)[written]), "value cache"
+    q_r, k_r = apply_rotary(positions, q, k, cos, sin)
+    keep = md.slot_mapping >= 0
+    got_k = flat(kc)[written].reshape(-1, n_kv * hd)
+    bound = rotated_bound(k[keep], k_r[keep], positions[keep], cos, sin)
+    err = (got_k.float() - k_r[keep].float()).abs()
+    assert bool((err <= bound).all()), f"key cache: worst {(err / bound).max().item():.2f} of bound"
+
+    ref, _, _ = reference(
+        dict(case, q=q_r.view(t, n_heads, hd).cpu(), k=k_r.view(t, n_kv, hd).cpu())
+    )
+    check_out(out, ref, case, dtype)

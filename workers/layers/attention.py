@@ -43,7 +43,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``forward(*rotary(positions, q, k), v)``. Where the fused rotary kernel runs and the
         backend's forward is the plain write-then-attend, that kernel also stores k and v in the
-        paged cache (one launch fewer per layer) and the backend only attends."""
+        paged cache (one launch fewer per layer) and the backend only attends; a backend with
+        ``attend_rotary`` takes all three (the Triton one: in one launch at decode)."""
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         backend = ctx.attn_backend
@@ -51,8 +52,14 @@ class Attention(nn.Module):
             q, k, k_cache
         ):
             md = ctx.attn_metadata
-            q = rotary.forward_write_kv(positions, q, k, v, k_cache, v_cache, md.slot_mapping)
             t = q.shape[0]
+            if backend.attend_rotary is not None:
+                out = backend.attend_rotary(
+                    positions, q, k, v, rotary.cos_cache, rotary.sin_cache,
+                    k_cache, v_cache, md, self.scale,
+                )  # fmt: skip
+                return out.reshape(t, self.num_heads * self.head_dim)
+            q = rotary.forward_write_kv(positions, q, k, v, k_cache, v_cache, md.slot_mapping)
             q3 = q.view(t, self.num_heads, self.head_dim)  # [T, nH, hd]
             out = backend.attend(q3, k_cache, v_cache, md, self.scale)
             return out.reshape(t, self.num_heads * self.head_dim)
