@@ -52,7 +52,12 @@ from outrider.kernels.attention.triton_attn import (
 )
 from outrider.kernels.fused.dispatch import pdl
 from outrider.kernels.fused.pdl import pdl_prologue
-from outrider.kernels.fused.rotary import apply_rotary_write_kv
+from outrider.kernels.fused.rotary import (
+    apply_rotary_write_kv,
+    check_head_norm,
+    head_rms_apply,
+    head_rms_inv,
+)
 
 _ON = os.environ.get("OUTRIDER_DECODE_ROTARY", "1") != "0"
 # NOTE: sm_90, bf16, 16 rows, 64-key tiles, head dim 128: 201 registers (ptxas), so two 4-warp
@@ -71,14 +76,22 @@ def paged_attention_rotary_ref(
     v_cache: torch.Tensor,  # [N, bs, nKV, hd]
     md: AttentionMetadata,
     scale: float,
+    *,
+    q_norm_weight: torch.Tensor | None = None,  # [hd]
+    k_norm_weight: torch.Tensor | None = None,  # [hd]
+    eps: float = 1e-6,
 ) -> torch.Tensor:
-    """The torch reference: rotary, the KV write and paged attention as separate ops; returns
-    the attention output [T, nH, hd] and writes the caches."""
+    """The torch reference: the optional per-head q/k RMSNorm, rotary, the KV write and paged
+    attention as separate ops; returns the attention output [T, nH, hd] and writes the caches."""
     from outrider.kernels.attention import torch_ref
+    from outrider.kernels.fused.norm import rms_norm_ref
     from outrider.kernels.fused.rotary import rotary_ref
 
     hd = 2 * cos_cache.shape[-1]
     t = q.shape[0]
+    if q_norm_weight is not None and k_norm_weight is not None:
+        q = rms_norm_ref(q.reshape(t, -1, hd), q_norm_weight, eps).view(t, -1)
+        k = rms_norm_ref(k.reshape(t, -1, hd), k_norm_weight, eps).view(t, -1)
     q_r, k_r = rotary_ref(positions, q, k, cos_cache, sin_cache)
     torch_ref.write_kv(k_r.view(t, -1, hd), v.reshape(t, -1, hd), k_cache, v_cache, md.slot_mapping)
     return torch_ref.paged_attention(q_r.view(t, -1, hd), k_cache, v_cache, md, scale)
@@ -117,6 +130,8 @@ def _new_keys_tile(
     cos_ptr,
     sin_ptr,
     slot_ptr,
+    kn_w_ptr,
+    eps,
     kc_ptr,
     vc_ptr,
     stride_kt,
@@ -133,6 +148,7 @@ def _new_keys_tile(
     BLOCK_NEW: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HEAD_NORM: tl.constexpr,
 ):
     """This step's ``q_len`` new keys (positions ``ctx_len + j``) into the online softmax: each
     key rotated from the raw input, key and value cast to the cache dtype and stored in their
@@ -145,6 +161,13 @@ def _new_keys_tile(
     k_row = k_ptr + tok_n[None, :] * stride_kt + kvh * HEAD_DIM
     kx = tl.load(k_row + offs_d[:, None], mask=kd_ok, other=0.0)  # [D, NEW]
     kp = tl.load(k_row + partner_d[:, None], mask=kd_ok, other=0.0)
+    if HEAD_NORM:
+        kx, kp = kx.to(tl.float32), kp.to(tl.float32)
+        inv = head_rms_inv(tl.sum(kx * kx, 0), HEAD_DIM, eps)[None, :]  # [1, NEW]
+        w = tl.load(kn_w_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[:, None]
+        wp = tl.load(kn_w_ptr + partner_d, mask=d_ok, other=0.0).to(tl.float32)[:, None]
+        kx = head_rms_apply(kx, inv, w, k_ptr.dtype.element_ty)
+        kp = head_rms_apply(kp, inv, wp, k_ptr.dtype.element_ty)
     pos = tl.load(positions_ptr + tok_n, mask=new, other=0).to(tl.int64)  # [NEW]
     cs = pos[None, :] * stride_cos + half_d[:, None]  # [D, NEW]
     dt = k_ptr.dtype.element_ty
@@ -179,6 +202,9 @@ def _paged_decode_rotary_kernel(
     cos_ptr,
     sin_ptr,
     slot_ptr,
+    qn_w_ptr,
+    kn_w_ptr,
+    eps,
     kc_ptr,
     vc_ptr,
     part_acc_ptr,
@@ -210,6 +236,7 @@ def _paged_decode_rotary_kernel(
     BLOCK_NEW: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HEAD_NORM: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """One program per (sequence, KV head, split): the split's cached keys, then, in the program
@@ -258,6 +285,13 @@ def _paged_decode_rotary_kernel(
     q_row = q_ptr + tok[:, None] * stride_qt + head[:, None] * HEAD_DIM
     qx = tl.load(q_row + offs_d[None, :], mask=qd_ok, other=0.0)  # [M, D]
     qp = tl.load(q_row + partner_d[None, :], mask=qd_ok, other=0.0)
+    if HEAD_NORM:
+        qx, qp = qx.to(tl.float32), qp.to(tl.float32)
+        inv = head_rms_inv(tl.sum(qx * qx, 1), HEAD_DIM, eps)[:, None]  # [M, 1]
+        w = tl.load(qn_w_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        wp = tl.load(qn_w_ptr + partner_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        qx = head_rms_apply(qx, inv, w, q_ptr.dtype.element_ty)
+        qp = head_rms_apply(qp, inv, wp, q_ptr.dtype.element_ty)
     pos = tl.load(positions_ptr + tok, mask=row_ok, other=0).to(tl.int64)  # [M]
     cs = pos[:, None] * stride_cos + half_d[None, :]  # [M, D]
     dt = q_ptr.dtype.element_ty
@@ -282,10 +316,10 @@ def _paged_decode_rotary_kernel(
         acc, m_i, l_i = _new_keys_tile(
             acc, m_i, l_i, q, row_ok, q_pos, scale_log2, q_start, q_len, ctx_len, kvh,
             offs_d, d_ok, partner_d, half_d, low,
-            k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr,
-            stride_kt, stride_vt, stride_cos,
+            k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, slot_ptr, kn_w_ptr, eps, kc_ptr,
+            vc_ptr, stride_kt, stride_vt, stride_cos,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_NEW, CAUSAL, DOT_PREC,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_NEW, CAUSAL, DOT_PREC, HEAD_NORM,
         )  # fmt: skip
 
     _store_partials(
@@ -333,6 +367,10 @@ def paged_attention_rotary(
     v_cache: torch.Tensor,  # [N, bs, nKV, hd]
     md: AttentionMetadata,
     scale: float,
+    *,
+    q_norm_weight: torch.Tensor | None = None,  # [hd]
+    k_norm_weight: torch.Tensor | None = None,  # [hd]
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """``paged_attention(apply_rotary_write_kv(...))``: the attention output [T, nH, hd]; the
     rotated keys and the values are written to the cache. One launch plus the split reduction
@@ -352,8 +390,9 @@ def paged_attention_rotary(
     fused = plan is not None and k.dtype == q.dtype == v.dtype
     if not fused:
         q_r = apply_rotary_write_kv(
-            positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, md.slot_mapping
-        )
+            positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, md.slot_mapping,
+            q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps,
+        )  # fmt: skip
         return paged_attention(q_r.view(t, n_heads, hd), k_cache, v_cache, md, scale)
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("the key and value caches need the same strides, the last one 1")
@@ -361,6 +400,12 @@ def paged_attention_rotary(
     if cos_cache.stride(-1) != 1 or cos_cache.stride() != sin_cache.stride():
         cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
     assert plan is not None
+    head_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    if q_norm_weight is not None and k_norm_weight is not None:
+        head_norm = (q_norm_weight, k_norm_weight, float(eps))
+        check_head_norm(head_norm, q, hd)
+    elif q_norm_weight is not None or k_norm_weight is not None:
+        raise ValueError("`q_norm_weight` and `k_norm_weight` go together")
     block_m, block_n, num_warps, num_stages, num_splits = plan
     group = n_heads // n_kv
     dev = q.device
@@ -371,6 +416,7 @@ def paged_attention_rotary(
     use_pdl = pdl(q)
     _paged_decode_rotary_kernel[(b, n_kv, num_splits)](
         q, k, v, positions.to(dev), cos_cache, sin_cache, md.slot_mapping.to(dev),
+        *(head_norm or (q, q, 0.0)),
         k_cache, v_cache, part_acc, part_m, part_l,
         md.query_start_loc.to(dev), md.seq_lens.to(dev), tables,
         n_heads, num_splits, scale * LOG2E,
@@ -385,6 +431,7 @@ def paged_attention_rotary(
         BLOCK_NEW=max(16, block_m // group),
         CAUSAL=bool(md.causal),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        HEAD_NORM=head_norm is not None,
         USE_PDL=use_pdl,
         launch_pdl=use_pdl,
         num_warps=num_warps,

@@ -12,6 +12,9 @@ One program rotates ``BLOCK_H`` heads of one token, counted over q's heads then 
 share the launch and the cos/sin row. q and k may be column slices of the fused qkv (row
 stride of their own); the outputs are new contiguous tensors (the inputs are left alone: a
 caller may pass the same tensor twice). The grid comes from host integers (CUDA-graph safe).
+
+With the KV write, the launch may also take Qwen3's per-head q/k RMSNorm before the rotation
+(``q_norm_weight``, ``k_norm_weight``): two launches fewer per layer.
 """
 
 from __future__ import annotations
@@ -46,6 +49,19 @@ def rotary_ref(
 
 
 @triton.jit
+def head_rms_inv(sum_sq, dim, eps):
+    """``1 / sqrt(sum_sq / dim + eps)`` with the roundings of ``kernels/fused/norm.py``."""
+    return tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(sum_sq, dim * 1.0) + eps))
+
+
+@triton.jit
+def head_rms_apply(x, inv, w, dt: tl.constexpr):
+    """RMSNorm's output ``w · round(x · inv)`` rounded to ``dt``, as float32 (x, inv, w float32;
+    the weight in ``dt``)."""
+    return (w * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+
+
+@triton.jit
 def _rotary_kernel(
     positions_ptr,
     q_ptr,
@@ -58,6 +74,9 @@ def _rotary_kernel(
     kc_ptr,
     vc_ptr,
     slot_ptr,
+    qn_w_ptr,
+    kn_w_ptr,
+    eps,
     num_q_heads,
     num_kv_heads,
     stride_qt,
@@ -72,6 +91,7 @@ def _rotary_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     WRITE_KV: tl.constexpr,
+    HEAD_NORM: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
@@ -101,6 +121,16 @@ def _rotary_kernel(
     )
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
+    if HEAD_NORM:
+        # NOTE: Qwen3's per-head q/k RMSNorm first (kernels/fused/norm.py roundings); v heads
+        # (zeros here) are loaded apart below.
+        inv = head_rms_inv(tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1), 2 * HALF, eps)[:, None]
+        wq1 = tl.load(qn_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        wq2 = tl.load(qn_w_ptr + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        wk1 = tl.load(kn_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        wk2 = tl.load(kn_w_ptr + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        x1 = head_rms_apply(x1, inv, tl.where(is_q[:, None], wq1, wk1), dt)
+        x2 = head_rms_apply(x2, inv, tl.where(is_q[:, None], wq2, wk2), dt)
     # NOTE: each product is rounded to the dtype before the sum, as torch's separate ops do.
     o1 = ((x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)).to(dt)
     o2 = ((x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)).to(dt)
@@ -169,10 +199,14 @@ def _launch(
     sin_cache: torch.Tensor,
     k_out: torch.Tensor | None,
     cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    head_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Rotate into a new q (returned) and ``k_out``, or with ``cache = (value, k_cache,
-    v_cache, slot_mapping)`` store the rotated key and the value in the paged cache."""
+    v_cache, slot_mapping)`` store the rotated key and the value in the paged cache; with
+    ``head_norm = (q_weight, k_weight, eps)`` each q and k head is RMS-normalised first."""
     _check(positions, query, key, cos_cache, sin_cache)
+    if head_norm is not None:
+        check_head_norm(head_norm, query, 2 * cos_cache.shape[-1])
     half = cos_cache.shape[-1]
     head_dim = 2 * half
     num_tokens = query.shape[0]
@@ -210,6 +244,9 @@ def _launch(
         k_cache,
         v_cache,
         slots,
+        head_norm[0] if head_norm is not None else query,
+        head_norm[1] if head_norm is not None else query,
+        head_norm[2] if head_norm is not None else 0.0,
         num_q_heads,
         num_kv_heads,
         query.stride(0),
@@ -222,11 +259,25 @@ def _launch(
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         WRITE_KV=cache is not None,
+        HEAD_NORM=head_norm is not None,
         USE_PDL=use_pdl,
         launch_pdl=use_pdl,
         num_warps=4,
     )
     return q_out
+
+
+def check_head_norm(
+    head_norm: tuple[torch.Tensor, torch.Tensor, float], query: torch.Tensor, head_dim: int
+) -> None:
+    """The q/k RMSNorm weights a fused rotary takes: ``[head_dim]`` each, in the query's dtype
+    and on its device (the norm's output dtype is then the query's)."""
+    for name, w in zip(("q_norm_weight", "k_norm_weight"), head_norm[:2], strict=True):
+        if w.shape != (head_dim,) or w.dtype != query.dtype or w.device != query.device:
+            raise ValueError(
+                f"`{name}` must be [{head_dim}] {query.dtype} on {query.device}, got "
+                f"{tuple(w.shape)} {w.dtype} on {w.device}"
+            )
 
 
 def apply_rotary(
@@ -252,9 +303,15 @@ def apply_rotary_write_kv(
     k_cache: torch.Tensor,  # [N, bs, nKV, hd]
     v_cache: torch.Tensor,  # [N, bs, nKV, hd]
     slot_mapping: torch.Tensor,  # [T] int; < 0 = skip
+    *,
+    q_norm_weight: torch.Tensor | None = None,  # [hd]
+    k_norm_weight: torch.Tensor | None = None,  # [hd]
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """``rotary_ref`` and the attention backends' ``write_kv`` of the rotated key and the value
-    in one launch; returns the rotated query (new, contiguous) and writes no key tensor."""
+    in one launch; returns the rotated query (new, contiguous) and writes no key tensor. With
+    ``q_norm_weight`` and ``k_norm_weight`` (Qwen3), q and k are first RMS-normalised per head
+    as ``rms_norm_ref(x.view(T, n, hd), weight, eps)`` would."""
     if value.shape != key.shape or value.dtype != key.dtype:
         raise ValueError(f"value {tuple(value.shape)} must match key {tuple(key.shape)}")
     head_dim = 2 * cos_cache.shape[-1]
@@ -273,4 +330,9 @@ def apply_rotary_write_kv(
     if slot_mapping.dim() != 1 or slot_mapping.shape[0] != query.shape[0]:
         raise ValueError(f"slot_mapping must be [{query.shape[0]}]")
     cache = (value, k_cache, v_cache, slot_mapping)
-    return _launch(positions, query, key, cos_cache, sin_cache, None, cache)
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("`q_norm_weight` and `k_norm_weight` go together")
+    head_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    if q_norm_weight is not None and k_norm_weight is not None:
+        head_norm = (q_norm_weight, k_norm_weight, float(eps))
+    return _launch(positions, query, key, cos_cache, sin_cache, None, cache, head_norm)

@@ -287,16 +287,73 @@ def test_rotary_write_kv_matches_rotary_then_write_kv(
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=str)
+def test_rotary_write_kv_with_qk_norm(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, gen: torch.Generator
+) -> None:
+    """With Qwen3's per-head q/k RMSNorm weights the launch normalises each head first: the
+    query and the cached key are the reference's (``rms_norm_ref`` per head, then
+    ``rotary_ref``) up to one unit of the normalised input's rounding carried through the
+    rotation (the launch sums each head's squares in two halves) plus the rotary kernel's own
+    bound; the value is stored as it is."""
+    from outrider.kernels.attention.torch_ref import write_kv
+
+    t, nh, nkv, hd = shape
+    rope = rope_table(hd, 4096)
+    qkv = rand(gen, t, (nh + 2 * nkv) * hd, dtype=dtype, scale=2.0)
+    q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+    wq = (1.0 + 0.3 * torch.randn(hd, generator=gen)).to(dtype).to(DEVICE)
+    wk = (1.0 + 0.3 * torch.randn(hd, generator=gen)).to(dtype).to(DEVICE)
+    eps = 1e-6
+    positions = torch.randint(0, 4096, (t,), generator=gen).to(DEVICE)
+    block_size, num_blocks = 16, t // 8 + 3
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:t].to(DEVICE)
+    kc, vc = (rand(gen, num_blocks, block_size, nkv, hd, dtype=dtype) for _ in range(2))
+    want_k, want_v, got_k, got_v = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    qn = fused_norm.rms_norm_ref(q.reshape(t, nh, hd), wq, eps).view(t, -1)
+    kn = fused_norm.rms_norm_ref(k.reshape(t, nkv, hd), wk, eps).view(t, -1)
+    ref_q, ref_k = fused_rotary.rotary_ref(positions, qn, kn, rope.cos_cache, rope.sin_cache)
+    write_kv(ref_k.view(t, nkv, hd), v.reshape(t, nkv, hd), want_k, want_v, slots)
+    got_q = fused_rotary.apply_rotary_write_kv(
+        positions, q, k, v, rope.cos_cache, rope.sin_cache, got_k, got_v, slots,
+        q_norm_weight=wq, k_norm_weight=wk, eps=eps,
+    )  # fmt: skip
+    assert torch.equal(got_v, want_v), "value cache"
+    for name, got, ref, x in (
+        ("q", got_q, ref_q, qn),
+        ("k", got_k.view(-1, nkv * hd)[slots], ref_k, kn),
+    ):
+        if dtype == torch.float32:
+            check_close(got, ref, f"normed rotary {name}")
+            continue
+        mag = rotary_magnitude(positions, x, rope)
+        bound = 2 * ulp(mag, dtype) + ulp(ref, dtype)
+        worst = ((got.float() - ref.float()).abs() / bound).max().item()
+        print(f"normed rotary {name}: worst {worst:.2f} of the bound")
+        assert worst <= 1.0, f"normed rotary {name}: worst {worst:.2f} of the bound"
+    with pytest.raises(ValueError, match="q_norm_weight"):
+        fused_rotary.apply_rotary_write_kv(
+            positions, q, k, v, rope.cos_cache, rope.sin_cache, got_k, got_v, slots,
+            q_norm_weight=wq[:-1], k_norm_weight=wk,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_layer_writes_kv_in_the_rotary_launch(
-    dtype: torch.dtype, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, qk_norm: bool, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Attention.forward_rotary with the rotary launch storing K/V equals the rotary launch
     followed by the backend's own write and attend (OUTRIDER_ROTARY_WRITES_KV=0): the same
-    caches and the same output, bit for bit; slots of other tokens stay untouched."""
+    caches and the same output, bit for bit; slots of other tokens stay untouched. With Qwen3's
+    q/k norm, the first takes the norms into the rotary launch and the second runs them as
+    RMSNorm layers first: equal within check_close (the two sum the squares differently)."""
     from outrider.kernels.attention.metadata import AttentionMetadata
     from outrider.kernels.attention.torch_ref import TorchAttentionBackend
     from outrider.workers.forward_context import ForwardContext, forward_context
+    from outrider.workers.layers import attention as attention_layer
     from outrider.workers.layers.attention import Attention
+    from outrider.workers.layers.norm import RMSNorm
 
     nh, nkv, hd, block_size = 4, 2, 16, 16
     ctx_lens, q_lens = [5, 0, 20], [1, 3, 2]
@@ -326,6 +383,11 @@ def test_attention_layer_writes_kv_in_the_rotary_launch(
     )
     layer = Attention(nh, hd, nkv, scale=hd**-0.5, layer_idx=0)
     history = rand(gen, 2, 6, block_size, nkv, hd, dtype=dtype)
+    norms = None
+    if qk_norm:
+        norms = (RMSNorm(hd, eps=1e-6).to(DEVICE, dtype), RMSNorm(hd, eps=1e-6).to(DEVICE, dtype))
+        for n in norms:
+            n.weight.copy_(1.0 + 0.3 * torch.randn(hd, generator=gen))
     outs, caches = [], []
     for writes in ("1", "0"):
         monkeypatch.setenv("OUTRIDER_ROTARY_WRITES_KV", writes)
@@ -333,8 +395,15 @@ def test_attention_layer_writes_kv_in_the_rotary_launch(
         kv = [(history[0].clone(), history[1].clone())]
         with forward_context(ForwardContext(md, kv, TorchAttentionBackend())), on_kernels():
             assert rope.writes_kv(q, k, kv[0][0]) == (writes == "1")
-            outs.append(layer.forward_rotary(positions.to(DEVICE), q, k, v, rope))
+            if norms is not None:
+                assert attention_layer._norms_fit(norms, q, hd)
+            outs.append(layer.forward_rotary(positions.to(DEVICE), q, k, v, rope, norms))
         caches.append(kv[0])
+    if qk_norm:
+        check_close(caches[0][0], caches[1][0], "key cache")
+        assert torch.equal(caches[0][1], caches[1][1]), "value cache"
+        check_close(outs[0], outs[1], "attention output")
+        return
     assert torch.equal(caches[0][0], caches[1][0]), "key cache"
     assert torch.equal(caches[0][1], caches[1][1]), "value cache"
     others = torch.ones(history[0].numel() // (nkv * hd), dtype=torch.bool)

@@ -532,13 +532,21 @@ def rotated_bound(x: torch.Tensor, ref: torch.Tensor, positions: torch.Tensor, c
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"h{h[0]}kv{h[1]}d{h[2]}")
 @pytest.mark.parametrize("batch", list(ROTARY_BATCHES))
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
 def test_decode_rotary_in_one_launch_matches_rotary_then_attention(
-    batch: str, heads: tuple[int, int, int], dtype: torch.dtype, gen: torch.Generator
+    qk_norm: bool,
+    batch: str,
+    heads: tuple[int, int, int],
+    dtype: torch.dtype,
+    gen: torch.Generator,
 ) -> None:
     """``paged_attention_rotary`` on column slices of a fused qkv, where it takes the one-launch
     path: the caches hold what the rotary launch stores (new slots only, a slot < 0 untouched),
-    and the output is the float64 attention over the rotated q and keys."""
+    and the output is the float64 attention over the rotated q and keys. ``qk-norm``: Qwen3's
+    per-head q/k RMSNorm first, inside the launch (the key within twice the rotary bound of
+    ``rms_norm_ref`` then ``apply_rotary``: the two sum the squares in a different order)."""
     from outrider.kernels.attention.triton_decode_rotary import fused_plan, paged_attention_rotary
+    from outrider.kernels.fused.norm import rms_norm_ref
     from outrider.kernels.fused.rotary import apply_rotary, apply_rotary_write_kv
 
     n_heads, n_kv, hd = heads
@@ -563,10 +571,18 @@ def test_decode_rotary_in_one_launch_matches_rotary_then_attention(
     angles = torch.outer(torch.arange(8192, dtype=torch.float32), inv_freq)
     cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
 
+    norm: dict[str, Any] = {}
+    qn, kn = q, k
+    if qk_norm:
+        w = [(1.0 + 0.3 * torch.randn(hd, generator=gen)).to(dtype).to(DEVICE) for _ in "qk"]
+        norm = dict(q_norm_weight=w[0], k_norm_weight=w[1], eps=1e-6)
+        qn = rms_norm_ref(q.reshape(t, n_heads, hd), w[0], 1e-6).view(t, -1)
+        kn = rms_norm_ref(k.reshape(t, n_kv, hd), w[1], 1e-6).view(t, -1)
+
     kc, vc = case["k_cache"].to(DEVICE), case["v_cache"].to(DEVICE)
     want_k, want_v = kc.clone(), vc.clone()
-    apply_rotary_write_kv(positions, q, k, v, cos, sin, want_k, want_v, md.slot_mapping)
-    out = paged_attention_rotary(positions, q, k, v, cos, sin, kc, vc, md, case["scale"])
+    apply_rotary_write_kv(positions, q, k, v, cos, sin, want_k, want_v, md.slot_mapping, **norm)
+    out = paged_attention_rotary(positions, q, k, v, cos, sin, kc, vc, md, case["scale"], **norm)
 
     written = md.slot_mapping[md.slot_mapping >= 0]
     flat = lambda c: c.view(-1, n_kv, hd)  # noqa: E731
@@ -575,10 +591,10 @@ def test_decode_rotary_in_one_launch_matches_rotary_then_attention(
     for name, got, want in (("key", kc, want_k), ("value", vc, want_v)):
         assert same_bits(flat(got)[untouched], flat(want)[untouched]), f"{name}: other slots"
     assert torch.equal(flat(vc)[written], flat(want_v)[written]), "value cache"
-    q_r, k_r = apply_rotary(positions, q, k, cos, sin)
+    q_r, k_r = apply_rotary(positions, qn, kn, cos, sin)
     keep = md.slot_mapping >= 0
     got_k = flat(kc)[written].reshape(-1, n_kv * hd)
-    bound = rotated_bound(k[keep], k_r[keep], positions[keep], cos, sin)
+    bound = rotated_bound(kn[keep], k_r[keep], positions[keep], cos, sin) * (2 if qk_norm else 1)
     err = (got_k.float() - k_r[keep].float()).abs()
     assert bool((err <= bound).all()), f"key cache: worst {(err / bound).max().item():.2f} of bound"
 

@@ -116,14 +116,16 @@ class RotaryEmbedding(nn.Module):
         k_cache: torch.Tensor,  # [N, bs, nKV, hd]
         v_cache: torch.Tensor,  # [N, bs, nKV, hd]
         slot_mapping: torch.Tensor,  # [T]; < 0 = not written
+        **head_norm: Any,
     ) -> torch.Tensor:
         """The rotated query; the rotated key and the value go to their cache slots, as the
-        attention backends' ``write_kv`` stores them (one Triton launch; ``writes_kv``)."""
+        attention backends' ``write_kv`` stores them (one Triton launch; ``writes_kv``).
+        ``head_norm``: ``apply_rotary_write_kv``'s q/k RMSNorm arguments."""
         from outrider.kernels.fused.rotary import apply_rotary_write_kv
 
         return apply_rotary_write_kv(
             positions, query, key, value, self.cos_cache, self.sin_cache, k_cache, v_cache,
-            slot_mapping.to(query.device),
+            slot_mapping.to(query.device), **head_norm,
         )  # fmt: skip
 
     def forward(

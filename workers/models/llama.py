@@ -120,11 +120,9 @@ class LlamaAttention(nn.Module):
     def _attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         """q/k norm, rotary, attention and o_proj of ``qkv [T, (nH + 2 nKV) hd]``."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.qk_norm:
-            t = q.shape[0]
-            q = self.q_norm(q.reshape(t, -1, self.head_dim)).view(t, self.q_size)
-            k = self.k_norm(k.reshape(t, -1, self.head_dim)).view(t, self.kv_size)
-        return self.o_proj(self.attn.forward_rotary(positions, q, k, v, self.rotary_emb))  # [T, H]
+        qk_norm = (self.q_norm, self.k_norm) if self.qk_norm else None
+        out = self.attn.forward_rotary(positions, q, k, v, self.rotary_emb, qk_norm)
+        return self.o_proj(out)  # [T, H]
 
 
 class LlamaDecoderLayer(nn.Module):
