@@ -495,6 +495,7 @@ if INTERPRET:
         "one": [(90, 1)],
         "two": [(100, 1), (37, 1)],
         "verify": [(100, 4)],
+        "block": [(100, 4), (37, 3)],  # non-causal (DFlash): every query sees every key
     }
 else:
     ROTARY_BATCHES = {
@@ -503,6 +504,7 @@ else:
         "two-tiles": [(4170, 1)],  # the new key in the second tile of its split
         "eight": [(c, 1) for c in (0, 15, 64, 100, 200, 255, 31, 128)],
         "multi": [(1000, 4), (17, 2)],
+        "block": [(1000, 4), (300, 2)],  # non-causal (DFlash): every query sees every key
     }
 
 
@@ -551,7 +553,7 @@ def test_decode_rotary_in_one_launch_matches_rotary_then_attention(
 
     n_heads, n_kv, hd = heads
     seqs = ROTARY_BATCHES[batch]
-    case = make_case(seqs, n_heads, n_kv, hd, dtype, 16, True, gen)
+    case = make_case(seqs, n_heads, n_kv, hd, dtype, 16, batch != "block", gen)
     md = to_device(case["md"])
     if md.num_seqs > 1:
         md.slot_mapping = md.slot_mapping.clone()
