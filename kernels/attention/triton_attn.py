@@ -206,6 +206,78 @@ def _store_partials(
     tl.store(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
+@triton.jit
+def _decode_seq(qsl_ptr, seq_lens_ptr, b):
+    """Sequence ``b``'s ``(q_start, q_len, seq_len)`` (host-staged metadata: loads that may run
+    before the PDL wait)."""
+    q_start = tl.load(qsl_ptr + b)
+    q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
+    return q_start, q_len, tl.load(seq_lens_ptr + b).to(tl.int32)
+
+
+@triton.jit
+def _decode_rows(
+    q_start,
+    q_len,
+    seq_len,
+    kvh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """A decode program's query tile, all of its sequence's queries (row ``r`` is token
+    ``r // GROUP`` and head ``kvh * GROUP + r % GROUP``): returns ``(ctx_len, head [M],
+    row_ok [M], tok [M], q_pos [M], offs_d [D], d_ok [D])``."""
+    ctx_len = seq_len - q_len
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = rows // GROUP  # [M] query token inside the sequence
+    head = kvh * GROUP + rows % GROUP  # [M] query head
+    row_ok = q_idx < q_len
+    tok = q_start + q_idx.to(tl.int64)  # [M] packed token index
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    return ctx_len, head, row_ok, tok, ctx_len + q_idx, offs_d, d_ok
+
+
+@triton.jit
+def _first_cached_tile(
+    kc_ptr,
+    vc_ptr,
+    bt_row,
+    lo,
+    hi,
+    ctx_len,
+    kvh,
+    offs_d,
+    d_ok,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The key tile at ``lo``: its positions ``offs_n [N]``, ``n_ok = offs_n < hi``, the cached
+    keys ``k [D, N]`` and values ``v [N, D]`` of positions below ``hi`` and ``ctx_len`` (before
+    this step's new tokens, so it may run before the PDL wait; zeros elsewhere) and their
+    pointers."""
+    offs_n = lo + tl.arange(0, BLOCK_N)  # [N]
+    n_ok = offs_n < hi
+    k_off, v_off = _kv_offsets(
+        bt_row, offs_n, n_ok, kvh,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+    )  # fmt: skip
+    k_ptrs = kc_ptr + k_off[None, :] + offs_d[:, None]  # [D, N]
+    v_ptrs = vc_ptr + v_off[:, None] + offs_d[None, :]  # [N, D]
+    old = offs_n < tl.minimum(hi, ctx_len)
+    k = tl.load(k_ptrs, mask=old[None, :] & d_ok[:, None], other=0.0)
+    v = tl.load(v_ptrs, mask=old[:, None] & d_ok[None, :], other=0.0)
+    return offs_n, n_ok, k, v, k_ptrs, v_ptrs
+
+
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt"])
 def _paged_attn_kernel(
     q_ptr,
@@ -350,34 +422,18 @@ def _paged_decode_early_kernel(
     split = tl.program_id(2)
     # NOTE: up to pdl_prologue: host-staged metadata and cached K/V of positions before this
     # step's new tokens, which nothing in the running launch chain writes (kernels/fused/pdl.py).
-    q_start = tl.load(qsl_ptr + b)
-    q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    q_start, q_len, seq_len = _decode_seq(qsl_ptr, seq_lens_ptr, b)
     if q_len <= 0:
         return
-    ctx_len = seq_len - q_len
-    rows = tl.arange(0, BLOCK_M)
-    q_idx = rows // GROUP  # [M] query token inside the sequence
-    head = kvh * GROUP + rows % GROUP  # [M] query head
-    row_ok = q_idx < q_len
-    tok = q_start + q_idx.to(tl.int64)  # [M] packed token index
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q_pos = ctx_len + q_idx  # [M]
+    ctx_len, head, row_ok, tok, q_pos, offs_d, d_ok = _decode_rows(
+        q_start, q_len, seq_len, kvh, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M
+    )
     lo, hi = _split_range(seq_len, split, num_splits, BLOCK_N)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-
-    offs_n = lo + tl.arange(0, BLOCK_N)  # [N] the first key tile
-    n_ok = offs_n < hi
-    k_off, v_off = _kv_offsets(
-        bt_row, offs_n, n_ok, kvh,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+    offs_n, n_ok, k, v, k_ptrs, v_ptrs = _first_cached_tile(
+        kc_ptr, vc_ptr, bt_row, lo, hi, ctx_len, kvh, offs_d, d_ok,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE, BLOCK_N,
     )  # fmt: skip
-    k_ptrs = kc_ptr + k_off[None, :] + offs_d[:, None]  # [D, N]
-    v_ptrs = vc_ptr + v_off[:, None] + offs_d[None, :]  # [N, D]
-    old = offs_n < tl.minimum(hi, ctx_len)
-    k = tl.load(k_ptrs, mask=old[None, :] & d_ok[:, None], other=0.0)
-    v = tl.load(v_ptrs, mask=old[:, None] & d_ok[None, :], other=0.0)
     pdl_prologue(USE_PDL)
     new = n_ok & (offs_n >= ctx_len)
     k = tl.load(k_ptrs, mask=new[None, :] & d_ok[:, None], other=k)

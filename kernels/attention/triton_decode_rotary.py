@@ -39,7 +39,9 @@ from outrider.kernels.attention.triton_attn import (
     _MIN_KEYS_PER_SPLIT,
     LOG2E,
     _cached_tile,
-    _kv_offsets,
+    _decode_rows,
+    _decode_seq,
+    _first_cached_tile,
     _num_splits,
     _softmax_step,
     _split_range,
@@ -247,39 +249,22 @@ def _paged_decode_rotary_kernel(
     split = tl.program_id(2)
     # NOTE: up to pdl_prologue: host-staged metadata and cached K/V of positions before this
     # step's new tokens, which nothing in the running launch chain writes (kernels/fused/pdl.py).
-    q_start = tl.load(qsl_ptr + b)
-    q_len = (tl.load(qsl_ptr + b + 1) - q_start).to(tl.int32)
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    q_start, q_len, seq_len = _decode_seq(qsl_ptr, seq_lens_ptr, b)
     if q_len <= 0:
         return
-    ctx_len = seq_len - q_len
-    rows = tl.arange(0, BLOCK_M)
-    q_idx = rows // GROUP  # [M] query token inside the sequence
-    head = kvh * GROUP + rows % GROUP  # [M] query head
-    row_ok = q_idx < q_len
-    tok = q_start + q_idx.to(tl.int64)  # [M] packed token index
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    ctx_len, head, row_ok, tok, q_pos, offs_d, d_ok = _decode_rows(
+        q_start, q_len, seq_len, kvh, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M
+    )
     low = offs_d < HEAD_DIM // 2  # [D] first half of the head
     partner_d = tl.where(low, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)
     half_d = tl.where(low, offs_d, offs_d - HEAD_DIM // 2)
-    q_pos = ctx_len + q_idx  # [M]
     lo, hi = _split_range(seq_len, split, num_splits, BLOCK_N)
     cached_hi = tl.minimum(hi, ctx_len)  # the split's keys read from the cache: [lo, cached_hi)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-
-    offs_n = lo + tl.arange(0, BLOCK_N)  # [N] the first key tile
-    n_ok = offs_n < cached_hi
-    k_off, v_off = _kv_offsets(
-        bt_row, offs_n, n_ok, kvh,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+    offs_n, n_ok, k, v, _, _ = _first_cached_tile(
+        kc_ptr, vc_ptr, bt_row, lo, cached_hi, ctx_len, kvh, offs_d, d_ok,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE, BLOCK_N,
     )  # fmt: skip
-    k = tl.load(
-        kc_ptr + k_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0
-    )  # [D, N]
-    v = tl.load(
-        vc_ptr + v_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-    )  # [N, D]
     pdl_prologue(USE_PDL)
     qd_ok = row_ok[:, None] & d_ok[None, :]  # [M, D]
     q_row = q_ptr + tok[:, None] * stride_qt + head[:, None] * HEAD_DIM
