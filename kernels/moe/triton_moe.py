@@ -15,7 +15,8 @@ Kernels:
   GEMM of each of the token's k experts in turn, in one flattened loop over (expert, K step)
   so the loads stay pipelined across experts, and sums them in registers: no ``y``, no combine.
 
-One token with its router goes through ``triton_moe_token.py`` instead (three launches).
+A few tokens with their router (``triton_moe_token.max_tokens()``) go through
+``triton_moe_token.py`` instead (three launches).
 
 Two schedules, chosen per batch by ``tile_config``. Grouped (``pair_major=False``): the pairs
 are sorted by expert into blocks of ``BLOCK_M`` rows (``triton_routing.align_block_size``);
@@ -536,7 +537,7 @@ class TritonMoeBackend(TorchMoeBackend):
     cuda_graph_safe = True
     select_experts = staticmethod(select_experts)
     fused_moe = staticmethod(fused_moe)
-    # NOTE: one token, router included, in three launches (triton_moe_token.py).
+    # NOTE: a few tokens, router included, in three launches (triton_moe_token.py).
     token_moe_applies = staticmethod(triton_moe_token.applies)
     token_moe = staticmethod(triton_moe_token.token_moe)
 

@@ -1,35 +1,38 @@
-"""One token's routed MoE block in three launches: split-K router, gate/up with its own top-k,
+"""A few tokens' routed MoE block in three launches: split-K router, gate/up with its own top-k,
 down GEMVs summed over the experts.
 
-A decode step of one sequence sends one token through every MoE block. Its work is k GEMVs over
-k distinct experts (Qwen3-30B-A3B: 8 of 128 experts, 75 MB of weights, and a 0.5 MB router);
-the general path (``triton_moe.py``) spends six launches on it (router GEMM, top-k, block
-alignment, gate/up, down, combine), and at one token every launch's ramp and tail cost more
-than its work. Here:
+A decode step of one sequence sends one token through every MoE block, and its verify k + 1.
+One token's work is k GEMVs over k distinct experts (Qwen3-30B-A3B: 8 of 128 experts, 75 MB of
+weights, and a 0.5 MB router); the general path (``triton_moe.py``) spends six launches on it
+(router GEMM, top-k, block alignment, gate/up, down, combine), and at one token every launch's
+ramp and tail cost more than its work. Here, for ``T <= max_tokens()`` tokens (each token's
+pairs are its own, as in the general path's pair-major schedule: an expert two tokens share is
+streamed twice, mostly from L2):
 
 * ``_router_kernel``: one program per (``BLOCK_E`` experts, ``BLOCK_K`` columns of H) writes
-  its partial logits in float32, ``parts [S, E]`` with ``S = cdiv(H, BLOCK_K)``: 128 small
-  programs instead of a GEMV over 16. Its weight tile is loaded before the PDL wait (weights
-  never depend on the previous kernel).
-* ``_gate_up_kernel``: one program per (pair ``j``, ``BLOCK_N`` columns of I) sums the S
+  each token's partial logits in float32, ``parts [T, S, E]`` with ``S = cdiv(H, BLOCK_K)``:
+  128 small programs instead of a GEMV over 16. Its weight tile is loaded before the PDL wait
+  (weights never depend on the previous kernel) and serves every token.
+* ``_gate_up_kernel``: one program per (token's pair ``j``, ``BLOCK_N`` columns of I) sums the S
   partial logits and rounds them to the activation dtype (as the router's linear layer returns
   them). A program needs only its own expert, the j-th largest logit, found with one max per
   rank over packed (value, index) keys: ``select_experts``' choice, since the softmax keeps the
   order and the smallest index wins among equals. One extra program runs the softmax and top-k
   itself (``triton_routing.softmax_topk``) and writes ``topk_weights`` and ``topk_ids``. Then
   the expert's gate and up GEMVs over H: ``act[j] = silu(gate) * up``, in the activation dtype.
-* ``_down_kernel``: one program per ``BLOCK_N`` columns of H runs the k down GEMVs together:
-  its tile has one row per (pair, column), so every pair's weights stream in the same load, and
-  the next K tile's load is issued before the current one's products. (One expert at a time,
-  the loop's expert-id loads and small tiles kept too few bytes in flight: 15.6 us for the 25 MB
-  of down weights on an H200, 9.0 us now.) Each activation is scaled by its routing weight as it
-  is loaded, so the sum over the tile's rows is the output row, without a combine.
+* ``_down_kernel``: one program per (token, ``BLOCK_N`` columns of H) runs the token's k down
+  GEMVs together: its tile has one row per (pair, column), so every pair's weights stream in
+  the same load, and the next K tile's load is issued before the current one's products. (One
+  expert at a time, the loop's expert-id loads and small tiles kept too few bytes in flight:
+  15.6 us for the 25 MB of down weights on an H200, 9.0 us now.) Each activation is scaled by
+  its routing weight as it is loaded, so the sum over the tile's rows is the output row,
+  without a combine.
 
 One row needs no tensor cores: products accumulate in ``[BLOCK_N, BLOCK_K]`` float32 tiles, as
 the skinny GEMM's one-row path does. Results are deterministic (fixed reduction trees, no
 atomics); grids come from host integers, so the three launches capture in a CUDA graph. The
 kernels use PDL like the other decode kernels (``kernels/fused/pdl.py``). fp8 weights, more
-than one token, and tensors that autograd tracks take the general path.
+than ``max_tokens()`` tokens, and tensors that autograd tracks take the general path.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from outrider.kernels.moe.triton_routing import softmax_topk
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_EXPERTS = 1024
 _MAX_SPLITS = 64
+MAX_TOKENS = 16
+DEFAULT_MAX_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,21 @@ _FLOAT32 = TokenMoeConfig(8, 64, 8, 64, 8, 64, 4, 2)
 
 
 def enabled() -> bool:
-    """``OUTRIDER_MOE_TOKEN_PATH=0`` sends one token through the general path as well."""
+    """``OUTRIDER_MOE_TOKEN_PATH=0`` sends every batch through the general path."""
     return os.environ.get("OUTRIDER_MOE_TOKEN_PATH", "1") != "0"
+
+
+def max_tokens() -> int:
+    """The most tokens ``token_moe`` takes in one call (``OUTRIDER_MOE_TOKEN_MAX``, at most
+    ``MAX_TOKENS``; 0 sends every batch through the general path)."""
+    raw = os.environ.get("OUTRIDER_MOE_TOKEN_MAX", str(DEFAULT_MAX_TOKENS))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"`OUTRIDER_MOE_TOKEN_MAX` must be an integer, got {raw!r}") from None
+    if not 0 <= value <= MAX_TOKENS:
+        raise ValueError(f"`OUTRIDER_MOE_TOKEN_MAX` must be in [0, {MAX_TOKENS}], got {value}")
+    return value
 
 
 def applies(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor) -> bool:
@@ -80,7 +98,7 @@ def applies(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor) -> bo
     return (
         enabled()
         and x.dim() == 2
-        and x.shape[0] == 1
+        and 1 <= x.shape[0] <= max_tokens()
         and use_fused(x)
         and x.dtype in _DTYPES
         and gate_weight.dtype == x.dtype
@@ -96,8 +114,10 @@ def _router_kernel(
     x_ptr,
     w_ptr,
     parts_ptr,
+    num_tokens,
     num_experts,
     hidden,
+    stride_xt,
     stride_we,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -105,16 +125,19 @@ def _router_kernel(
 ):
     pid_e = tl.program_id(0)
     pid_s = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     experts = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = experts < num_experts
     cols = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = cols < hidden
     w_ptrs = w_ptr + experts.to(tl.int64)[:, None] * stride_we + cols[None, :]  # [BE, BK]
-    w = tl.load(w_ptrs, mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+    w = tl.load(w_ptrs, mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     pdl_prologue(USE_PDL)
-    a = tl.load(x_ptr + cols, mask=k_ok, other=0.0)  # [BK]
-    part = tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)  # [BE]
-    tl.store(parts_ptr + pid_s * num_experts + experts, part, mask=e_ok)
+    # NOTE: the weight tile is read once for every token.
+    for t in range(num_tokens):
+        a = tl.load(x_ptr + t * stride_xt + cols, mask=k_ok, other=0.0)  # [BK]
+        part = tl.sum(w * a.to(tl.float32)[None, :], axis=1)  # [BE]
+        tl.store(parts_ptr + (t * num_splits + pid_s) * num_experts + experts, part, mask=e_ok)
 
 
 @triton.jit
@@ -144,6 +167,7 @@ def _gate_up_kernel(
     num_splits,
     inter,
     hidden,
+    stride_xt,
     stride_we,
     stride_wn,
     TOP_K: tl.constexpr,
@@ -156,14 +180,17 @@ def _gate_up_kernel(
     EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    j = tl.program_id(0)
+    pair = tl.program_id(0)  # token t's j-th expert
+    t = pair // TOP_K
+    j = pair % TOP_K
     pid_n = tl.program_id(1)
+    x_ptr += t.to(tl.int64) * stride_xt
     pdl_prologue(USE_PDL)
     # routing: the router's logits as its linear layer would return them
     splits = tl.arange(0, BLOCK_S)
     cols_e = tl.arange(0, BLOCK_E)
     e_ok = cols_e < num_experts
-    p_ptrs = parts_ptr + splits[:, None] * num_experts + cols_e[None, :]  # [BS, BE]
+    p_ptrs = parts_ptr + (t * num_splits + splits[:, None]) * num_experts + cols_e[None, :]
     parts = tl.load(p_ptrs, mask=(splits < num_splits)[:, None] & e_ok[None, :], other=0.0)
     logits = tl.sum(parts, axis=0).to(x_ptr.dtype.element_ty).to(tl.float32)  # [BE]
     logits = tl.where(e_ok, logits, float("-inf"))
@@ -176,8 +203,8 @@ def _gate_up_kernel(
             top_w, top_i = softmax_topk(
                 logits[None, :], one, cols_e, e_ok, TOP_K, RENORMALIZE, BLOCK_TOP
             )
-            kcols = tl.arange(0, BLOCK_TOP)
-            k_ok = (kcols < TOP_K)[None, :]
+            kcols = t * TOP_K + tl.arange(0, BLOCK_TOP)
+            k_ok = (tl.arange(0, BLOCK_TOP) < TOP_K)[None, :]
             tl.store(topk_w_ptr + kcols[None, :], top_w, mask=k_ok)
             tl.store(topk_ids_ptr + kcols[None, :], top_i.to(tl.int64), mask=k_ok)
         return
@@ -207,7 +234,7 @@ def _gate_up_kernel(
     gate = tl.sum(acc_g, axis=1)  # [BN]
     up = tl.sum(acc_u, axis=1)
     act = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up
-    tl.store(act_ptr + j * inter + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(act_ptr + pair * inter + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -233,6 +260,7 @@ def _down_kernel(
     inter,
     stride_we,
     stride_wn,
+    stride_ot,
     TOP_K: tl.constexpr,
     BLOCK_TOP: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -241,6 +269,11 @@ def _down_kernel(
     USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    t = tl.program_id(1)  # the token
+    act_ptr += t.to(tl.int64) * (TOP_K * inter)
+    topk_w_ptr += t * TOP_K
+    topk_ids_ptr += t * TOP_K
+    out_ptr += t.to(tl.int64) * stride_ot
     # NOTE: one tile row per (pair j, output column n): every pair's weights stream in the same
     # load, so a program keeps TOP_K times more bytes in flight than one expert at a time.
     r = tl.arange(0, BLOCK_TOP * BLOCK_N)
@@ -276,7 +309,7 @@ def _down_kernel(
 
 
 def token_moe(
-    x: torch.Tensor,  # [1, H]
+    x: torch.Tensor,  # [T, H]
     gate_weight: torch.Tensor,  # [E, H] the router
     w13: torch.Tensor,  # [E, 2I, H]
     w2: torch.Tensor,  # [E, H, I]
@@ -284,15 +317,18 @@ def token_moe(
     renormalize: bool,
     *,
     config: TokenMoeConfig | None = None,
-    out: torch.Tensor | None = None,  # [1, H], written in full
+    out: torch.Tensor | None = None,  # [T, H], written in full
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``fused_moe(x, w13, w2, *select_experts(x @ gate_weight.T, top_k, renormalize))`` for
-    one token in three launches; returns ``(out [1, H], topk_weights [1, k] float32,
-    topk_ids [1, k] int64)``."""
+    one to ``MAX_TOKENS`` tokens in three launches; returns ``(out [T, H], topk_weights [T, k]
+    float32, topk_ids [T, k] int64)``."""
     num_experts, two_inter, hidden = w13.shape
     inter = two_inter // 2
-    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != hidden:
-        raise ValueError(f"token_moe takes x [1, {hidden}], got {tuple(x.shape)}")
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_TOKENS or x.shape[1] != hidden:
+        raise ValueError(
+            f"token_moe takes x [T, {hidden}] with 1 <= T <= {MAX_TOKENS}, got {tuple(x.shape)}"
+        )
+    num_tokens = x.shape[0]
     if tuple(gate_weight.shape) != (num_experts, hidden):
         raise ValueError(
             f"the router must be [{num_experts}, {hidden}], got {tuple(gate_weight.shape)}"
@@ -314,26 +350,29 @@ def token_moe(
     if x.stride(-1) != 1:
         x = x.contiguous()
     if out is None:
-        out = torch.empty((1, hidden), dtype=x.dtype, device=dev)
-    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError("`out` must be a contiguous [1, H] tensor in x.dtype")
+        out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=dev)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError("`out` must be a [T, H] tensor in x.dtype with a contiguous last dim")
     num_splits = triton.cdiv(hidden, cfg.router_block_k)
     if num_splits > _MAX_SPLITS:
         raise ValueError(
             f"the router splits H={hidden} into {num_splits} > {_MAX_SPLITS} parts; "
             f"raise `router_block_k` (now {cfg.router_block_k})"
         )
-    parts = torch.empty((num_splits, num_experts), dtype=torch.float32, device=dev)  # [S, E]
-    weights = torch.empty((1, top_k), dtype=torch.float32, device=dev)  # [1, k]
-    ids = torch.empty((1, top_k), dtype=torch.int64, device=dev)  # [1, k]
-    act = torch.empty((top_k, inter), dtype=x.dtype, device=dev)  # [k, I]
+    # [T, S, E]
+    parts = torch.empty((num_tokens, num_splits, num_experts), dtype=torch.float32, device=dev)
+    weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=dev)  # [T, k]
+    ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=dev)  # [T, k]
+    act = torch.empty((num_tokens * top_k, inter), dtype=x.dtype, device=dev)  # [T*k, I]
     use_pdl = pdl(x)
     _router_kernel[(triton.cdiv(num_experts, cfg.router_block_e), num_splits)](
         x,
         gate_weight,
         parts,
+        num_tokens,
         num_experts,
         hidden,
+        x.stride(0),
         gate_weight.stride(0),
         BLOCK_E=cfg.router_block_e,
         BLOCK_K=cfg.router_block_k,
@@ -342,7 +381,7 @@ def token_moe(
         launch_pdl=use_pdl,
     )
     # NOTE: one column block more than I needs: its program (0, last) writes the routing.
-    _gate_up_kernel[(top_k, triton.cdiv(inter, cfg.block_n1) + 1)](
+    _gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, cfg.block_n1) + 1)](
         x,
         parts,
         w13,
@@ -353,6 +392,7 @@ def token_moe(
         num_splits,
         inter,
         hidden,
+        x.stride(0),
         w13.stride(0),
         w13.stride(1),
         TOP_K=top_k,
@@ -368,7 +408,7 @@ def token_moe(
         num_stages=cfg.stages1,
         launch_pdl=use_pdl,
     )
-    _down_kernel[(triton.cdiv(hidden, cfg.block_n2),)](
+    _down_kernel[(triton.cdiv(hidden, cfg.block_n2), num_tokens)](
         act,
         w2,
         weights,
@@ -378,6 +418,7 @@ def token_moe(
         inter,
         w2.stride(0),
         w2.stride(1),
+        out.stride(0),
         TOP_K=top_k,
         BLOCK_TOP=triton.next_power_of_2(top_k),
         BLOCK_N=cfg.block_n2,

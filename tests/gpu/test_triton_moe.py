@@ -338,32 +338,46 @@ else:
 
 
 def token_case(
-    gen: torch.Generator, e: int, k: int, hidden: int, inter: int, dtype: torch.dtype
+    gen: torch.Generator,
+    e: int,
+    k: int,
+    hidden: int,
+    inter: int,
+    dtype: torch.dtype,
+    tokens: int = 1,
 ) -> dict[str, torch.Tensor]:
-    case = make_case(gen, 1, e, k, hidden, inter, dtype)
-    # NOTE: a router whose logits are spaced well apart (no near-ties for a different
-    # summation order to flip), scaled to O(1).
-    gate = torch.randn(e, hidden, generator=gen) / hidden**0.5
-    x = case["x"].double()
-    # NOTE: distinct logits over [-3e, 0.5e]: most negative, as trained routers' logits are.
-    spread = torch.randperm(e, generator=gen).double() * 3.5 - 3 * e
-    gate += (spread - (x @ gate.double().T)[0])[:, None].float() * x.float() / x.norm() ** 2
+    case = make_case(gen, tokens, e, k, hidden, inter, dtype)
+    # NOTE: a router whose logits are spaced well apart for every token (no near-ties for a
+    # different summation order to flip), scaled to O(1): the least change of a random router
+    # that puts each token's logits at a permutation of [-3e, 0.5e] (most negative, as trained
+    # routers' logits are).
+    gate = torch.randn(e, hidden, generator=gen).double() / hidden**0.5
+    x = case["x"].double()  # [T, H]
+    spread = torch.stack([torch.randperm(e, generator=gen) for _ in range(tokens)]).double()
+    want = spread * 3.5 - 3 * e  # [T, E]
+    gate += (want - x @ gate.T).T @ torch.linalg.solve(x @ x.T, x)
     return {**case, "gate": gate.to(dtype)}
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 8], ids=lambda t: f"t{t}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("shape", TOKEN_CASES, ids=lambda s: f"e{s[0]}k{s[1]}h{s[2]}i{s[3]}")
 def test_token_moe_matches_reference(
-    shape: tuple[int, int, int, int], renormalize: bool, dtype: torch.dtype, gen: torch.Generator
+    shape: tuple[int, int, int, int],
+    renormalize: bool,
+    dtype: torch.dtype,
+    tokens: int,
+    gen: torch.Generator,
 ) -> None:
-    """Router, top-k and both GEMVs in three launches against select_experts + moe_reference."""
+    """Router, top-k and both GEMVs in three launches against select_experts + moe_reference,
+    for one token and for a few (each token's experts, weights and output row its own)."""
     from outrider.kernels.moe.triton_moe_token import token_moe
 
     e, k, hidden, inter = shape
-    case = token_case(gen, e, k, hidden, inter, dtype)
+    case = token_case(gen, e, k, hidden, inter, dtype, tokens)
     c = on_device(case)
-    logits = (c["x"] @ c["gate"].T).to(torch.float32)  # [1, E]
+    logits = (c["x"] @ c["gate"].T).to(torch.float32)  # [T, E]
     want_w, want_ids = torch_ref.select_experts(logits.cpu(), k, renormalize)
     out = torch.full_like(c["x"], float("nan"))
     got, weights, ids = token_moe(c["x"], c["gate"], c["w13"], c["w2"], k, renormalize, out=out)
@@ -374,8 +388,10 @@ def test_token_moe_matches_reference(
 
 
 def test_token_moe_layer_dispatch(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Qwen3's block sends one token through token_moe (three launches) and more tokens through
-    select_experts + fused_moe; both agree with the reference, and the switch turns it off."""
+    """Qwen3's block sends one token (and up to ``max_tokens()``) through token_moe (three
+    launches) and more through select_experts + fused_moe; both agree with the reference, and
+    the switches turn it off (``OUTRIDER_MOE_TOKEN_PATH=0``) or bound it
+    (``OUTRIDER_MOE_TOKEN_MAX``)."""
     from transformers import Qwen3MoeConfig
 
     from outrider.kernels.fused.dispatch import fused_on_cpu
@@ -404,9 +420,19 @@ def test_token_moe_layer_dispatch(gen: torch.Generator, monkeypatch: pytest.Monk
     with fused_on_cpu() if INTERPRET else contextlib.nullcontext(), torch.inference_mode():
         one = block(x)
         assert calls == [1]
+        three = torch.cat([x, x.flip(-1), -x])  # [3, H]
+        block(three)
+        assert calls == [1, 1]
+        monkeypatch.setenv("OUTRIDER_MOE_TOKEN_MAX", "2")
+        block(three)
+        assert calls == [1, 1]
+        monkeypatch.setenv("OUTRIDER_MOE_TOKEN_MAX", "x")
+        with pytest.raises(ValueError, match="OUTRIDER_MOE_TOKEN_MAX"):
+            block(x)
+        monkeypatch.setenv("OUTRIDER_MOE_TOKEN_MAX", "8")
         monkeypatch.setenv("OUTRIDER_MOE_TOKEN_PATH", "0")
         general = block(x)
-        assert calls == [1]
+        assert calls == [1, 1]
     logits = (case["x"].to(DEVICE) @ case["gate"].to(DEVICE).T).float().cpu()
     weights, ids = torch_ref.select_experts(logits, k, renormalize=True)
     ref = reference({**case, "weights": weights, "ids": ids})
@@ -439,8 +465,8 @@ def test_token_moe_refuses_bad_inputs() -> None:
     w13 = torch.zeros(4, 64, 64, dtype=HALF, device=DEVICE)
     w2 = torch.zeros(4, 64, 32, dtype=HALF, device=DEVICE)
     gate = torch.zeros(4, 64, dtype=HALF, device=DEVICE)
-    with pytest.raises(ValueError, match=r"token_moe takes x \[1, 64\]"):
-        token_moe(x, gate, w13, w2, 2, True)
+    with pytest.raises(ValueError, match=r"token_moe takes x \[T, 64\] with 1 <= T <= 16"):
+        token_moe(torch.zeros(17, 64, dtype=HALF, device=DEVICE), gate, w13, w2, 2, True)
     with pytest.raises(ValueError, match="the router must be"):
         token_moe(x[:1], gate[:3], w13, w2, 2, True)
     with pytest.raises(ValueError, match="`top_k` must be in"):

@@ -54,7 +54,7 @@ class FusedMoE(nn.Module):
         self.kernel = registry.get("moe", moe_backend)
         # NOTE: routing is the torch reference unless the backend brings its own.
         self._select_experts = getattr(self.kernel, "select_experts", select_experts)
-        # NOTE: one token with its router in one backend call, where the backend has one.
+        # NOTE: a few tokens with their router in one backend call, where the backend has one.
         self._token_moe_applies = getattr(self.kernel, "token_moe_applies", None)
         inter = self.intermediate_size
         self.w13_weight = nn.Parameter(
@@ -113,7 +113,7 @@ class FusedMoE(nn.Module):
         return self._all_reduce(out)
 
     def route_and_forward(self, hidden_states: torch.Tensor, gate: LinearBase) -> torch.Tensor:
-        """``forward(hidden_states, gate(hidden_states))``; one token takes the backend's own
+        """``forward(hidden_states, gate(hidden_states))``; a few tokens take the backend's own
         path with the router inside (``token_moe``) where the backend has one for the call."""
         applies = self._token_moe_applies
         if (
@@ -128,7 +128,7 @@ class FusedMoE(nn.Module):
                 self.w2_weight,
                 self.top_k,
                 self.renormalize,
-            )  # [1, H]
+            )  # [T, H]
             return self._all_reduce(out)
         return self(hidden_states, gate(hidden_states))
 
