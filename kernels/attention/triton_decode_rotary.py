@@ -56,18 +56,23 @@ from outrider.kernels.fused.dispatch import pdl
 from outrider.kernels.fused.pdl import pdl_prologue
 from outrider.kernels.fused.rotary import (
     apply_rotary_write_kv,
-    check_head_norm,
+    head_norm_args,
     head_rms_apply,
     head_rms_inv,
+    last_contiguous,
+    rope,
 )
 
 _ON = os.environ.get("OUTRIDER_DECODE_ROTARY", "1") != "0"
 # NOTE: sm_90, bf16, 16 rows, 64-key tiles, head dim 128: 201 registers (ptxas), so two 4-warp
 # programs per SM; the one launch is taken only where all of its programs are resident at once.
 _PROGRAMS_PER_SM = 2
+# NOTE: fused_plan's query tiles hold at most 16 rows, so at most 16 new tokens per sequence;
+# 16 is also tl.dot's smallest N.
+_BLOCK_NEW = 16
 
 
-def paged_attention_rotary_ref(
+def rotary_write_kv_ref(
     positions: torch.Tensor,  # [T]
     q: torch.Tensor,  # [T, nH * hd]
     k: torch.Tensor,  # [T, nKV * hd]
@@ -76,15 +81,15 @@ def paged_attention_rotary_ref(
     sin_cache: torch.Tensor,  # [P, hd/2] float32
     k_cache: torch.Tensor,  # [N, bs, nKV, hd]
     v_cache: torch.Tensor,  # [N, bs, nKV, hd]
-    md: AttentionMetadata,
-    scale: float,
+    slot_mapping: torch.Tensor,  # [T]; < 0 = not written
     *,
     q_norm_weight: torch.Tensor | None = None,  # [hd]
     k_norm_weight: torch.Tensor | None = None,  # [hd]
     eps: float = 1e-6,
-) -> torch.Tensor:
-    """The torch reference: the optional per-head q/k RMSNorm, rotary, the KV write and paged
-    attention as separate ops; returns the attention output [T, nH, hd] and writes the caches."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of the launch's first part: the optional per-head q/k RMSNorm, the
+    rotary and the KV write as separate ops; returns the rotated ``(q, k)`` and writes the
+    caches. The attention over them is ``torch_ref.paged_attention``."""
     from outrider.kernels.attention import torch_ref
     from outrider.kernels.fused.norm import rms_norm_ref
     from outrider.kernels.fused.rotary import rotary_ref
@@ -95,17 +100,8 @@ def paged_attention_rotary_ref(
         q = rms_norm_ref(q.reshape(t, -1, hd), q_norm_weight, eps).view(t, -1)
         k = rms_norm_ref(k.reshape(t, -1, hd), k_norm_weight, eps).view(t, -1)
     q_r, k_r = rotary_ref(positions, q, k, cos_cache, sin_cache)
-    torch_ref.write_kv(k_r.view(t, -1, hd), v.reshape(t, -1, hd), k_cache, v_cache, md.slot_mapping)
-    return torch_ref.paged_attention(q_r.view(t, -1, hd), k_cache, v_cache, md, scale)
-
-
-@triton.jit
-def _rope(x, partner, cos, sin, low, dt: tl.constexpr):
-    """``x·cos − partner·sin`` in a head's first half (``low``), ``x·cos + partner·sin`` in its
-    second, each product rounded to ``dt`` before the sum as torch's separate ops round them."""
-    a = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
-    b = (partner.to(tl.float32) * sin).to(dt).to(tl.float32)
-    return tl.where(low, a - b, a + b).to(dt)
+    torch_ref.write_kv(k_r.view(t, -1, hd), v.reshape(t, -1, hd), k_cache, v_cache, slot_mapping)
+    return q_r, k_r
 
 
 @triton.jit
@@ -175,7 +171,7 @@ def _new_keys_tile(
     dt = k_ptr.dtype.element_ty
     cos = tl.load(cos_ptr + cs, mask=kd_ok, other=0.0).to(dt).to(tl.float32)
     sin = tl.load(sin_ptr + cs, mask=kd_ok, other=0.0).to(dt).to(tl.float32)
-    k = _rope(kx, kp, cos, sin, low[:, None], dt).to(kc_ptr.dtype.element_ty)  # [D, NEW]
+    k = rope(kx, kp, cos, sin, low[:, None], dt).to(kc_ptr.dtype.element_ty)  # [D, NEW]
     vd_ok = new[:, None] & d_ok[None, :]  # [NEW, D]
     v = tl.load(
         v_ptr + tok_n[:, None] * stride_vt + kvh * HEAD_DIM + offs_d[None, :], mask=vd_ok, other=0.0
@@ -282,7 +278,7 @@ def _paged_decode_rotary_kernel(
     dt = q_ptr.dtype.element_ty
     cos = tl.load(cos_ptr + cs, mask=qd_ok, other=0.0).to(dt).to(tl.float32)
     sin = tl.load(sin_ptr + cs, mask=qd_ok, other=0.0).to(dt).to(tl.float32)
-    q = _rope(qx, qp, cos, sin, low[None, :], dt)  # [M, D]
+    q = rope(qx, qp, cos, sin, low[None, :], dt)  # [M, D]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     p, alpha, m_i, l_i = _softmax_step(
@@ -337,10 +333,6 @@ def fused_plan(
     return block_m, block_n, num_warps, num_stages, num_splits
 
 
-def _row_major(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def paged_attention_rotary(
     positions: torch.Tensor,  # [T]
     q: torch.Tensor,  # [T, nH * hd]
@@ -370,10 +362,8 @@ def paged_attention_rotary(
             f"q, k and v must be [T, nH * {hd}], [T, {n_kv * hd}] and [T, {n_kv * hd}], got "
             f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}"
         )
-    b = md.num_seqs
     plan = fused_plan(md, n_heads, n_kv, hd, q.dtype, q.device)
-    fused = plan is not None and k.dtype == q.dtype == v.dtype
-    if not fused:
+    if plan is None or not k.dtype == q.dtype == v.dtype:
         q_r = apply_rotary_write_kv(
             positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, md.slot_mapping,
             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps,
@@ -381,16 +371,11 @@ def paged_attention_rotary(
         return paged_attention(q_r.view(t, n_heads, hd), k_cache, v_cache, md, scale)
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("the key and value caches need the same strides, the last one 1")
-    q, k, v, positions = _row_major(q), _row_major(k), _row_major(v), _row_major(positions)
+    q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
+    positions = last_contiguous(positions)
     if cos_cache.stride(-1) != 1 or cos_cache.stride() != sin_cache.stride():
         cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
-    assert plan is not None
-    head_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
-    if q_norm_weight is not None and k_norm_weight is not None:
-        head_norm = (q_norm_weight, k_norm_weight, float(eps))
-        check_head_norm(head_norm, q, hd)
-    elif q_norm_weight is not None or k_norm_weight is not None:
-        raise ValueError("`q_norm_weight` and `k_norm_weight` go together")
+    head_norm = head_norm_args(q_norm_weight, k_norm_weight, eps, q, hd)
     block_m, block_n, num_warps, num_stages, num_splits = plan
     group = n_heads // n_kv
     dev = q.device
@@ -399,7 +384,7 @@ def paged_attention_rotary(
     part_acc, part_m, part_l = split_scratch(md, t, n_heads, num_splits, block_d, dev)
     tables = md.block_tables.to(dev)
     use_pdl = pdl(q)
-    _paged_decode_rotary_kernel[(b, n_kv, num_splits)](
+    _paged_decode_rotary_kernel[(md.num_seqs, n_kv, num_splits)](
         q, k, v, positions.to(dev), cos_cache, sin_cache, md.slot_mapping.to(dev),
         *(head_norm or (q, q, 0.0)),
         k_cache, v_cache, part_acc, part_m, part_l,
@@ -413,7 +398,7 @@ def paged_attention_rotary(
         BLOCK_D=block_d,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_NEW=max(16, block_m // group),
+        BLOCK_NEW=_BLOCK_NEW,
         CAUSAL=bool(md.causal),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         HEAD_NORM=head_norm is not None,

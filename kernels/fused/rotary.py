@@ -49,6 +49,16 @@ def rotary_ref(
 
 
 @triton.jit
+def rope(x, partner, cos, sin, low, dt: tl.constexpr):
+    """``x·cos − partner·sin`` in a head's first half (``low``), ``x·cos + partner·sin`` in its
+    second, each product rounded to ``dt`` before the sum as torch's separate ops round them
+    (cos and sin float32 values of ``dt``); returns ``dt``."""
+    a = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
+    b = (partner.to(tl.float32) * sin).to(dt).to(tl.float32)
+    return tl.where(low, a - b, a + b).to(dt)
+
+
+@triton.jit
 def head_rms_inv(sum_sq, dim, eps):
     """``1 / sqrt(sum_sq / dim + eps)`` with the roundings of ``kernels/fused/norm.py``."""
     return tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(sum_sq, dim * 1.0) + eps))
@@ -131,9 +141,8 @@ def _rotary_kernel(
         wk2 = tl.load(kn_w_ptr + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         x1 = head_rms_apply(x1, inv, tl.where(is_q[:, None], wq1, wk1), dt)
         x2 = head_rms_apply(x2, inv, tl.where(is_q[:, None], wq2, wk2), dt)
-    # NOTE: each product is rounded to the dtype before the sum, as torch's separate ops do.
-    o1 = ((x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)).to(dt)
-    o2 = ((x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)).to(dt)
+    o1 = rope(x1, x2, cos, sin, True, dt)
+    o2 = rope(x2, x1, cos, sin, False, dt)
     q_out = q_out_ptr + t * (num_q_heads * 2 * HALF) + head_q
     tl.store(q_out, o1, mask=mq)
     tl.store(q_out + HALF, o2, mask=mq)
@@ -187,7 +196,7 @@ def _check(
         raise ValueError(f"positions must be [{num_tokens}], got {tuple(positions.shape)}")
 
 
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+def last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -203,15 +212,13 @@ def _launch(
 ) -> torch.Tensor:
     """Rotate into a new q (returned) and ``k_out``, or with ``cache = (value, k_cache,
     v_cache, slot_mapping)`` store the rotated key and the value in the paged cache; with
-    ``head_norm = (q_weight, k_weight, eps)`` each q and k head is RMS-normalised first."""
+    ``head_norm`` (``head_norm_args``) each q and k head is RMS-normalised first."""
     _check(positions, query, key, cos_cache, sin_cache)
-    if head_norm is not None:
-        check_head_norm(head_norm, query, 2 * cos_cache.shape[-1])
     half = cos_cache.shape[-1]
     head_dim = 2 * half
     num_tokens = query.shape[0]
-    positions = _last_contiguous(positions)
-    query, key = _last_contiguous(query), _last_contiguous(key)
+    positions = last_contiguous(positions)
+    query, key = last_contiguous(query), last_contiguous(key)
     if cos_cache.stride(1) != 1:
         cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -226,7 +233,7 @@ def _launch(
         block_size = 1
     else:
         value, k_cache, v_cache, slots = cache
-        value = _last_contiguous(value)
+        value = last_contiguous(value)
         cache_strides = tuple(k_cache.stride()[:3])
         block_size = int(k_cache.shape[1])
     block_half = triton.next_power_of_2(half)
@@ -267,17 +274,27 @@ def _launch(
     return q_out
 
 
-def check_head_norm(
-    head_norm: tuple[torch.Tensor, torch.Tensor, float], query: torch.Tensor, head_dim: int
-) -> None:
-    """The q/k RMSNorm weights a fused rotary takes: ``[head_dim]`` each, in the query's dtype
-    and on its device (the norm's output dtype is then the query's)."""
-    for name, w in zip(("q_norm_weight", "k_norm_weight"), head_norm[:2], strict=True):
+def head_norm_args(
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    query: torch.Tensor,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(q_weight, k_weight, eps)`` for a launch that takes the q/k RMSNorm, or None without
+    weights. The weights go together, ``[head_dim]`` each, in the query's dtype and on its
+    device (the norm's output dtype is then the query's)."""
+    if q_norm_weight is None and k_norm_weight is None:
+        return None
+    if q_norm_weight is None or k_norm_weight is None:
+        raise ValueError("`q_norm_weight` and `k_norm_weight` go together")
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
         if w.shape != (head_dim,) or w.dtype != query.dtype or w.device != query.device:
             raise ValueError(
                 f"`{name}` must be [{head_dim}] {query.dtype} on {query.device}, got "
                 f"{tuple(w.shape)} {w.dtype} on {w.device}"
             )
+    return q_norm_weight, k_norm_weight, float(eps)
 
 
 def apply_rotary(
@@ -330,9 +347,5 @@ def apply_rotary_write_kv(
     if slot_mapping.dim() != 1 or slot_mapping.shape[0] != query.shape[0]:
         raise ValueError(f"slot_mapping must be [{query.shape[0]}]")
     cache = (value, k_cache, v_cache, slot_mapping)
-    if (q_norm_weight is None) != (k_norm_weight is None):
-        raise ValueError("`q_norm_weight` and `k_norm_weight` go together")
-    head_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
-    if q_norm_weight is not None and k_norm_weight is not None:
-        head_norm = (q_norm_weight, k_norm_weight, float(eps))
+    head_norm = head_norm_args(q_norm_weight, k_norm_weight, eps, query, head_dim)
     return _launch(positions, query, key, cos_cache, sin_cache, None, cache, head_norm)

@@ -543,13 +543,16 @@ def test_decode_rotary_in_one_launch_matches_rotary_then_attention(
     gen: torch.Generator,
 ) -> None:
     """``paged_attention_rotary`` on column slices of a fused qkv, where it takes the one-launch
-    path: the caches hold what the rotary launch stores (new slots only, a slot < 0 untouched),
-    and the output is the float64 attention over the rotated q and keys. ``qk-norm``: Qwen3's
-    per-head q/k RMSNorm first, inside the launch (the key within twice the rotary bound of
-    ``rms_norm_ref`` then ``apply_rotary``: the two sum the squares in a different order)."""
-    from outrider.kernels.attention.triton_decode_rotary import fused_plan, paged_attention_rotary
+    path, against ``rotary_write_kv_ref``: other slots and a slot < 0 untouched, the values bit
+    for bit, the keys within the rotary bound, and the output is the float64 attention over the
+    reference's rotated q and keys. ``qk-norm``: Qwen3's per-head q/k RMSNorm first, inside the
+    launch (the keys within twice the bound: the kernel sums the squares in its own order)."""
+    from outrider.kernels.attention.triton_decode_rotary import (
+        fused_plan,
+        paged_attention_rotary,
+        rotary_write_kv_ref,
+    )
     from outrider.kernels.fused.norm import rms_norm_ref
-    from outrider.kernels.fused.rotary import apply_rotary, apply_rotary_write_kv
 
     n_heads, n_kv, hd = heads
     seqs = ROTARY_BATCHES[batch]
@@ -574,16 +577,15 @@ def test_decode_rotary_in_one_launch_matches_rotary_then_attention(
     cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
 
     norm: dict[str, Any] = {}
-    qn, kn = q, k
     if qk_norm:
         w = [(1.0 + 0.3 * torch.randn(hd, generator=gen)).to(dtype).to(DEVICE) for _ in "qk"]
         norm = dict(q_norm_weight=w[0], k_norm_weight=w[1], eps=1e-6)
-        qn = rms_norm_ref(q.reshape(t, n_heads, hd), w[0], 1e-6).view(t, -1)
-        kn = rms_norm_ref(k.reshape(t, n_kv, hd), w[1], 1e-6).view(t, -1)
 
     kc, vc = case["k_cache"].to(DEVICE), case["v_cache"].to(DEVICE)
     want_k, want_v = kc.clone(), vc.clone()
-    apply_rotary_write_kv(positions, q, k, v, cos, sin, want_k, want_v, md.slot_mapping, **norm)
+    q_r, k_r = rotary_write_kv_ref(
+        positions, q, k, v, cos, sin, want_k, want_v, md.slot_mapping, **norm
+    )
     out = paged_attention_rotary(positions, q, k, v, cos, sin, kc, vc, md, case["scale"], **norm)
 
     written = md.slot_mapping[md.slot_mapping >= 0]
@@ -593,9 +595,10 @@ def test_decode_rotary_in_one_launch_matches_rotary_then_attention(
     for name, got, want in (("key", kc, want_k), ("value", vc, want_v)):
         assert same_bits(flat(got)[untouched], flat(want)[untouched]), f"{name}: other slots"
     assert torch.equal(flat(vc)[written], flat(want_v)[written]), "value cache"
-    q_r, k_r = apply_rotary(positions, qn, kn, cos, sin)
     keep = md.slot_mapping >= 0
     got_k = flat(kc)[written].reshape(-1, n_kv * hd)
+    # NOTE: the bound's magnitudes are those of the normalised key (the rotary's input).
+    kn = k if not qk_norm else rms_norm_ref(k.reshape(t, n_kv, hd), w[1], 1e-6).view(t, -1)
     bound = rotated_bound(kn[keep], k_r[keep], positions[keep], cos, sin) * (2 if qk_norm else 1)
     err = (got_k.float() - k_r[keep].float()).abs()
     assert bool((err <= bound).all()), f"key cache: worst {(err / bound).max().item():.2f} of bound"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from torch import nn
@@ -62,22 +61,22 @@ class Attention(nn.Module):
             q, k, k_cache
         ):
             md = ctx.attn_metadata
-            norm: dict[str, Any] = {}
+            q_w = k_w = None
+            eps = 1e-6
             if qk_norm is not None and _norms_fit(qk_norm, q, self.head_dim):
-                q_norm, k_norm = qk_norm
-                norm = dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight)
-                norm["eps"] = q_norm.eps
+                q_w, k_w, eps = qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps
             elif qk_norm is not None:
                 q, k = self._qk_norm(q, k, qk_norm)
             if backend.attend_rotary is not None:
                 out = backend.attend_rotary(
-                    positions, q, k, v, rotary.cos_cache, rotary.sin_cache,
-                    k_cache, v_cache, md, self.scale, **norm,
+                    positions, q, k, v, rotary.cos_cache, rotary.sin_cache, k_cache, v_cache,
+                    md, self.scale, q_norm_weight=q_w, k_norm_weight=k_w, eps=eps,
                 )  # fmt: skip
                 return out.reshape(t, self.num_heads * self.head_dim)
             q = rotary.forward_write_kv(
-                positions, q, k, v, k_cache, v_cache, md.slot_mapping, **norm
-            )
+                positions, q, k, v, k_cache, v_cache, md.slot_mapping,
+                q_norm_weight=q_w, k_norm_weight=k_w, eps=eps,
+            )  # fmt: skip
             q3 = q.view(t, self.num_heads, self.head_dim)  # [T, nH, hd]
             out = backend.attend(q3, k_cache, v_cache, md, self.scale)
             return out.reshape(t, self.num_heads * self.head_dim)

@@ -116,16 +116,20 @@ class RotaryEmbedding(nn.Module):
         k_cache: torch.Tensor,  # [N, bs, nKV, hd]
         v_cache: torch.Tensor,  # [N, bs, nKV, hd]
         slot_mapping: torch.Tensor,  # [T]; < 0 = not written
-        **head_norm: Any,
+        *,
+        q_norm_weight: torch.Tensor | None = None,  # [hd]
+        k_norm_weight: torch.Tensor | None = None,  # [hd]
+        eps: float = 1e-6,
     ) -> torch.Tensor:
         """The rotated query; the rotated key and the value go to their cache slots, as the
-        attention backends' ``write_kv`` stores them (one Triton launch; ``writes_kv``).
-        ``head_norm``: ``apply_rotary_write_kv``'s q/k RMSNorm arguments."""
+        attention backends' ``write_kv`` stores them (one Triton launch; ``writes_kv``). With
+        the q/k RMSNorm weights, each head is normalised first (``apply_rotary_write_kv``)."""
         from outrider.kernels.fused.rotary import apply_rotary_write_kv
 
         return apply_rotary_write_kv(
             positions, query, key, value, self.cos_cache, self.sin_cache, k_cache, v_cache,
-            slot_mapping.to(query.device), **head_norm,
+            slot_mapping.to(query.device),
+            q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps,
         )  # fmt: skip
 
     def forward(
